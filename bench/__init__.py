@@ -1,0 +1,1 @@
+"""Benchmarks: each prints one table, side by side with the standard tool."""

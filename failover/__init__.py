@@ -1,0 +1,1 @@
+"""Failover core: who is Master, floating IPs, link monitoring, heartbeats."""

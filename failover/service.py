@@ -1,0 +1,421 @@
+"""The failover daemon's I/O shell: one selector loop around the sans-I/O machine.
+
+It owns the heartbeat sockets, the link monitor, the floating IPs, the control
+socket and the hook runner; it reads the clock, feeds events to the machine and
+carries out the actions it returns. Nothing here decides anything: decisions are
+in failover/machine.py. Bulk work (conntrack sync) lives in another process, so
+this loop only ever waits on its own sockets and timers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import hasync
+from failover import advert as wire
+from failover.actions import AddFloatingIPs, Announce, RemoveFloatingIPs, SendAdvert, Transition
+from failover.garp import Announcer
+from failover.hooks import HookRunner
+from failover.links import LinkMonitor
+from failover.machine import MASTER, STOPPED, FailoverMachine, Timing
+from failover.paths import HeartbeatPaths
+from failover.status import NodeFacts, summarize
+from failover.vip import FloatingIPs
+from hasync import config as cfgmod
+from hasync.config import Group, NodeConfig
+from hasync.control import ControlServer
+
+log = logging.getLogger("hasync.failover")
+
+
+def group_digest(group: Group) -> bytes:
+    """What both nodes must agree on: group id and floating IPs (seen in every advert)."""
+    text = f"{group.id}|" + ",".join(sorted(str(ip) for ip in group.floating_ips))
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+def timing_of(group: Group) -> Timing:
+    return Timing(
+        interval=group.heartbeat_interval_ms / 1000, dead_count=group.dead_count,
+        preempt=group.preempt, preempt_delay=group.preempt_delay_ms / 1000,
+        garp_count=group.garp_count, garp_interval=group.garp_interval_ms / 1000,
+    )
+
+
+class GroupRunner:
+    """One HA group on this node: the machine plus the sockets it speaks through."""
+
+    def __init__(self, cfg: NodeConfig, group: Group, now: float):
+        self.group = group
+        self.digest = group_digest(group)
+        self.paths = HeartbeatPaths(group, cfg.heartbeat_port)
+        self.machine = FailoverMachine(
+            hostname=cfg.hostname, priority=group.priority, timing=timing_of(group),
+            monitored=tuple(m.interface for m in group.monitors), enabled=cfg.enabled,
+        )
+        self.links = LinkMonitor(set(self.paths.names) | {group.ha_link})
+        self.link_up = dict(self.links.initial())
+        self.counter = wire.Counter()
+        self.replay = wire.ReplayWindow()
+        self.started = now
+
+    def facts(self, sync_status: dict | None, sync_reasons: list[str]) -> NodeFacts:
+        return NodeFacts(
+            version=hasync.__version__, config_digest=self.digest, ha_link=self.group.ha_link,
+            ha_link_up=self.link_up.get(self.group.ha_link, False), path_names=self.paths.names,
+            sync=sync_status, sync_reasons=sync_reasons,
+        )
+
+    def close(self) -> None:
+        self.paths.close()
+        self.links.close()
+
+
+class FailoverService:
+    def __init__(self, cfg: NodeConfig, *, sync: Any = None,
+                 on_transition: Callable[[Transition], None] | None = None):
+        self.cfg = cfg
+        self.sync = sync  # statesync control client, or None
+        self.on_transition = on_transition
+        self.sel = selectors.DefaultSelector()
+        self.vips = FloatingIPs()
+        self.announcer = Announcer()
+        self.hooks = HookRunner(cfg.notify, cfg.notify_timeout_s, log.info)
+        self.dropped: Counter[str] = Counter()
+        self.received = 0
+        self.history: list[dict[str, Any]] = []  # recent transitions, newest last
+        self.runner: GroupRunner | None = None
+        self.control = ControlServer(cfg.control_socket, self.handle_request)
+        self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        self._stop_requested = False
+        self._reload_requested = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        if cfg.group is not None:
+            self._start_group(cfg.group, time.monotonic())
+
+    # ---- group lifecycle --------------------------------------------------------
+
+    def _start_group(self, group: Group, now: float) -> None:
+        r = GroupRunner(self.cfg, group, now)
+        self.runner = r
+        for path in r.paths.paths:
+            self.sel.register(path.sock, selectors.EVENT_READ, self._on_advert_socket(path.index))
+        self.sel.register(r.links, selectors.EVENT_READ, self._on_links)
+        self._execute(r.machine.start(now, r.link_up), now)
+
+    def _stop_group(self, now: float) -> None:
+        r = self.runner
+        if r is None:
+            return
+        if r.machine.state == MASTER:
+            self._execute([RemoveFloatingIPs()], now)
+        r.machine.stopping = True
+        self._execute([SendAdvert(wire.FLAG_SHUTDOWN | wire.FLAG_RESIGN)], now)
+        for path in r.paths.paths:
+            self.sel.unregister(path.sock)
+        self.sel.unregister(r.links)
+        r.close()
+        self.runner = None
+
+    def apply_config(self, new: NodeConfig) -> str:
+        """Take a validated config live. Timing and priority apply in place; a changed
+        group definition (interfaces, floating IPs, id) restarts the group."""
+        now = time.monotonic()
+        old, self.cfg = self.cfg, new
+        self.hooks.commands = tuple(new.notify)
+        self.hooks.timeout_s = new.notify_timeout_s
+        r = self.runner
+        if r is not None and (new.group is None or _structure(new.group) != _structure(r.group)
+                              or old.heartbeat_port != new.heartbeat_port):
+            self._stop_group(now)
+            r = None
+        if r is None and new.group is not None:
+            self._start_group(new.group, now)
+        elif r is not None and new.group is not None:
+            r.group = new.group
+            r.machine.timing = timing_of(new.group)
+            r.machine.priority = new.group.priority
+        if self.runner is not None and self.runner.machine.enabled != new.enabled:
+            self._execute(self.runner.machine.set_enabled(new.enabled, now), now)
+        return "configuration applied"
+
+    # ---- the loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stop_requested:
+                    if self._shutdown_step(now):
+                        return
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload_from_file()
+                r = self.runner
+                if r is not None:
+                    self._execute(r.machine.on_timer(now), now)
+                    timeout = max(0.0, r.machine.next_deadline() - time.monotonic())
+                else:
+                    timeout = 0.5
+                for key, _ in self.sel.select(min(timeout, 0.5)):
+                    key.data(key.fileobj)
+        finally:
+            self.close()
+
+    def _shutdown_step(self, now: float) -> bool:
+        r = self.runner
+        if r is None or r.machine.state == STOPPED:
+            return True
+        if not r.machine.stopping:
+            self._execute(r.machine.shutdown(now), now)
+        return r.machine.state == STOPPED
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_requested = True
+
+    def _on_wake(self, sock: socket.socket) -> None:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def _on_advert_socket(self, path_index: int) -> Callable[[socket.socket], None]:
+        def read(sock: socket.socket) -> None:
+            r = self.runner
+            for _ in range(64):  # drain, bounded so timers still run
+                try:
+                    data, _addr = sock.recvfrom(2048)
+                except BlockingIOError:
+                    return
+                if r is None:
+                    return
+                self._on_datagram(r, data, path_index)
+        return read
+
+    def _on_datagram(self, r: GroupRunner, data: bytes, path_index: int) -> None:
+        try:
+            adv = wire.decode(data, self.cfg.auth_keys)
+        except wire.AdvertError as exc:
+            self.dropped[exc.reason] += 1
+            return
+        if adv.hostname == self.cfg.hostname:
+            self.dropped["own"] += 1  # our own broadcast looped back
+            return
+        if adv.path != path_index:
+            self.dropped["wrong_path"] += 1
+            return
+        if adv.group != r.group.id:
+            self.dropped["other_group"] += 1
+            return
+        if not r.replay.accept(adv):
+            self.dropped["replayed"] += 1
+            return
+        self.received += 1
+        now = time.monotonic()
+        self._execute(r.machine.on_advert(adv, now), now)
+
+    def _on_links(self, _mon: Any) -> None:
+        r = self.runner
+        if r is None:
+            return
+        now = time.monotonic()
+        for ifname, up in r.links.read():
+            r.link_up[ifname] = up
+            log.info("link %s %s", ifname, "up" if up else "down")
+            self._execute(r.machine.on_link(ifname, up, now), now)
+
+    def _on_control(self, _server: Any) -> None:
+        conn = self.control.accept()
+        if conn is not None:
+            self.sel.register(conn, selectors.EVENT_READ, self._on_control_conn)
+
+    def _on_control_conn(self, conn: socket.socket) -> None:
+        fd = conn
+        self.sel.unregister(fd)
+        if not self.control.readable(conn):
+            self.sel.register(conn, selectors.EVENT_READ, self._on_control_conn)
+
+    # ---- actions ----------------------------------------------------------------
+
+    def _execute(self, actions: list, now: float) -> None:
+        r = self.runner
+        if r is None:
+            return
+        for action in actions:
+            if isinstance(action, SendAdvert):
+                self._send_advert(r, action.flags)
+            elif isinstance(action, AddFloatingIPs):
+                for mon in r.group.monitors:
+                    self.vips.add(mon.interface, mon.floating_ip)
+            elif isinstance(action, RemoveFloatingIPs):
+                for mon in r.group.monitors:
+                    self.vips.remove(mon.interface, mon.floating_ip)
+            elif isinstance(action, Announce):
+                for mon in r.group.monitors:
+                    try:
+                        self.announcer.announce(mon.interface, mon.floating_ip)
+                    except OSError as exc:
+                        log.warning("announce %s on %s failed: %s", mon.floating_ip,
+                                    mon.interface, exc)
+            elif isinstance(action, Transition):
+                self._on_transition(r, action)
+
+    def _send_advert(self, r: GroupRunner, extra_flags: int) -> None:
+        m = r.machine
+        key_id = self.cfg.auth_key_id
+        key = self.cfg.auth_keys[key_id]
+        flags = m.advert_flags() | extra_flags
+        interval_us = int(m.timing.interval * 1e6)
+        for path in r.paths.paths:
+            adv = wire.Advert(
+                group=r.group.id, state=m.wire_state(), priority=m.effective_priority(),
+                hostname=self.cfg.hostname, version=hasync.__version__,
+                counter=r.counter.next(), path=path.index, interval_us=interval_us,
+                flags=flags, config_digest=r.digest,
+            )
+            r.paths.send(path, wire.encode(adv, key_id, key))
+
+    def _on_transition(self, r: GroupRunner, t: Transition) -> None:
+        log.info("state %s -> %s (%s)", t.old, t.new, t.cause)
+        self.history.append({"old": t.old, "new": t.new, "cause": t.cause, "time": time.time()})
+        del self.history[:-20]
+        if self.on_transition is not None:
+            self.on_transition(t)
+        self.hooks.notify({
+            "HASYNC_STATE": t.new, "HASYNC_OLD_STATE": t.old, "HASYNC_CAUSE": t.cause,
+            "HASYNC_GROUP": str(r.group.id),
+            "HASYNC_FLOATING_IPS": " ".join(str(ip) for ip in r.group.floating_ips),
+        })
+
+    # ---- control requests -------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        r = self.runner
+        sync_status = self.sync.status() if self.sync is not None else None
+        sync_reasons = self.sync.reasons() if self.sync is not None else []
+        facts = r.facts(sync_status, sync_reasons) if r else None
+        out = summarize(r.machine if r else None, facts, self.cfg.enabled, now)
+        out.update({
+            "hostname": self.cfg.hostname,
+            "version": hasync.__version__,
+            "enabled": self.cfg.enabled,
+            "group": r.group.id if r else None,
+            "floating_ips": [str(ip) for ip in r.group.floating_ips] if r else [],
+            "links": dict(r.link_up) if r else {},
+            "heartbeats": {
+                "received": self.received,
+                "dropped": dict(self.dropped),
+                "sent": {p.ifname: p.sent for p in r.paths.paths} if r else {},
+                "send_errors": {p.ifname: p.send_errors for p in r.paths.paths} if r else {},
+            },
+            "last_transition": self.history[-1] if self.history else None,
+            "hooks": {"runs": self.hooks.runs, "failures": self.hooks.failures,
+                      "timeouts": self.hooks.timeouts},
+            "sync": sync_status,
+        })
+        return out
+
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req["cmd"]
+        now = time.monotonic()
+        r = self.runner
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "switchover":
+            if r is None:
+                return {"ok": False, "error": "no HA group configured"}
+            ok, message, actions = r.machine.switchover(now)
+            self._execute(actions, now)
+            return {"ok": ok, "message" if ok else "error": message}
+        if cmd in ("enable", "disable"):
+            return self._save_and_apply(cfgmod.with_enabled(self.cfg, cmd == "enable"),
+                                        f"HA {cmd}d")
+        if cmd == "reload":
+            return self._reload_from_file()
+        if cmd == "group_show":
+            return {"ok": True, "groups": [cfgmod.group_to_dict(g) for g in self.cfg.groups]}
+        if cmd in ("group_add", "group_edit"):
+            return self._group_change(cmd, req.get("fields") or {})
+        if cmd == "group_delete":
+            gid = req.get("id")
+            if not any(g.id == gid for g in self.cfg.groups):
+                return {"ok": False, "error": f"no HA group with id {gid}"}
+            return self._save_and_apply(cfgmod.without_group(self.cfg, gid), "HA Group Deleted")
+        if cmd == "resync":
+            if self.sync is None:
+                return {"ok": False, "error": "state sync is not running"}
+            return self.sync.resync(config=bool(req.get("config")))
+        if cmd == "stop":
+            self._stop_requested = True
+            return {"ok": True, "message": "stopping"}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _group_change(self, cmd: str, fields: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if cmd == "group_add":
+                if self.cfg.groups:
+                    raise cfgmod.ConfigError(
+                        "group", "hasync runs one HA group per node; edit the existing group")
+                group = cfgmod.group_from_form(fields)
+            else:
+                base = next((g for g in self.cfg.groups if g.id == fields.get("id", g.id)), None)
+                if base is None:
+                    raise cfgmod.ConfigError("group.id", f"no HA group with id {fields.get('id')}")
+                group = cfgmod.group_from_form({**cfgmod.group_to_form(base), **fields})
+            new = cfgmod.with_group(self.cfg, group)
+            cfgmod.validate_against_system(new, self.vips.system_view(exclude=self._floating()))
+        except cfgmod.ConfigError as exc:
+            return {"ok": False, "error": str(exc), "field": exc.field}
+        message = "HA Group Added Successfully" if cmd == "group_add" else "HA Group Updated Successfully"
+        return self._save_and_apply(new, message)
+
+    def _floating(self) -> list:
+        return list(self.runner.group.floating_ips) if self.runner else []
+
+    def _save_and_apply(self, new: NodeConfig, message: str) -> dict[str, Any]:
+        if self.cfg.path is not None:
+            cfgmod.save(new, self.cfg.path)
+        self.apply_config(new)
+        return {"ok": True, "message": message}
+
+    def _reload_from_file(self) -> dict[str, Any]:
+        if self.cfg.path is None:
+            return {"ok": False, "error": "the daemon was not started from a config file"}
+        try:
+            new = cfgmod.load(self.cfg.path)
+            cfgmod.validate_against_system(new, self.vips.system_view(exclude=self._floating()))
+        except (cfgmod.ConfigError, OSError) as exc:
+            log.error("reload refused: %s", exc)
+            return {"ok": False, "error": f"reload refused, the running config stays: {exc}"}
+        return {"ok": True, "message": self.apply_config(new)}
+
+    def close(self) -> None:
+        now = time.monotonic()
+        if self.runner is not None:
+            self._stop_group(now)
+        self.control.close()
+        self.hooks.close(2.0)
+        signal.set_wakeup_fd(-1)
+
+
+def _structure(group: Group) -> tuple:
+    """The parts of a group that need new sockets or addresses when they change."""
+    return (group.id, group.ha_link, group.peer_address, group.monitors)

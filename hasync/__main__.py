@@ -1,0 +1,3 @@
+from hasync.cli import main
+
+raise SystemExit(main())

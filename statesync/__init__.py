@@ -1,0 +1,1 @@
+"""Replication service: conntrack entries and config over ZeroMQ."""
