@@ -133,8 +133,11 @@ class FailoverMachine:
         if self.links_down and self.state != FAULT:
             return self._enter(FAULT, self._fault_cause(), now)
         if not self.links_down and self.state == FAULT:
-            out = self._enter(BACKUP, f"monitored interface {ifname} up", now)
-            return out + self._decide(now)
+            # back through INIT: what we last heard from the peer may be stale (it may have
+            # left FAULT at the same moment), so decide on its next advert or the dead timer
+            out = self._enter(INIT, f"monitored interface {ifname} up", now)
+            self._init_deadline = now + self.timing.dead_interval
+            return out
         return []
 
     def on_timer(self, now: float) -> list[Action]:
