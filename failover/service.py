@@ -23,7 +23,7 @@ from failover import advert as wire
 from failover.actions import AddFloatingIPs, Announce, RemoveFloatingIPs, SendAdvert, Transition
 from failover.garp import Announcer
 from failover.hooks import HookRunner
-from failover.links import LinkMonitor
+from failover.links import LinkMonitor, carrier
 from failover.machine import MASTER, STOPPED, FailoverMachine, Timing
 from failover.paths import HeartbeatPaths
 from failover.status import NodeFacts, summarize
@@ -61,10 +61,16 @@ class GroupRunner:
             monitored=tuple(m.interface for m in group.monitors), enabled=cfg.enabled,
         )
         self.links = LinkMonitor(set(self.paths.names) | {group.ha_link})
-        self.link_up = dict(self.links.initial())
+        self.netlink_up = dict(self.links.initial())  # as the kernel's link events say
+        self.carrier_lost: set[str] = set()  # seen by a direct carrier read before the event
+        self.carrier_checked: dict[str, float] = {}
         self.counter = wire.Counter()
         self.replay = wire.ReplayWindow()
         self.started = now
+
+    @property
+    def link_up(self) -> dict[str, bool]:
+        return {name: up and name not in self.carrier_lost for name, up in self.netlink_up.items()}
 
     def facts(self, sync_status: dict | None, sync_reasons: list[str]) -> NodeFacts:
         return NodeFacts(
@@ -167,6 +173,7 @@ class FailoverService:
                     self._reload_from_file()
                 r = self.runner
                 if r is not None:
+                    self._check_silent_paths(r, now)
                     self._execute(r.machine.on_timer(now), now)
                     timeout = max(0.0, r.machine.next_deadline() - time.monotonic())
                 else:
@@ -237,9 +244,40 @@ class FailoverService:
             return
         now = time.monotonic()
         for ifname, up in r.links.read():
-            r.link_up[ifname] = up
-            log.info("link %s %s", ifname, "up" if up else "down")
+            before = r.link_up.get(ifname)
+            r.netlink_up[ifname] = up
+            if up and ifname in r.carrier_lost and carrier(ifname):
+                r.carrier_lost.discard(ifname)
+            log.info("link %s %s (link event)", ifname, "up" if up else "down")
+            self._link_changed(r, ifname, before, now)
+
+    def _link_changed(self, r: GroupRunner, ifname: str, before: bool | None, now: float) -> None:
+        up = r.link_up.get(ifname, False)
+        if up != before:
             self._execute(r.machine.on_link(ifname, up, now), now)
+
+    def _check_silent_paths(self, r: GroupRunner, now: float) -> None:
+        """Catch a pulled cable before the kernel's delayed link event: when the peer,
+        alive on other paths, falls silent on a monitored interface, read its carrier."""
+        m = r.machine
+        interval = m.timing.interval
+        peer_alive = m.peer.alive(now, m.timing.dead_interval)
+        for path in r.paths.paths[1:]:
+            name = path.ifname
+            seen = m.peer.last_seen.get(path.index)
+            silent = peer_alive and seen is not None and now - seen > 2.5 * interval
+            if not (silent or name in r.carrier_lost):
+                continue
+            if now - r.carrier_checked.get(name, 0.0) < interval:
+                continue
+            r.carrier_checked[name] = now
+            before = r.link_up.get(name)
+            if carrier(name):
+                r.carrier_lost.discard(name)
+            elif r.netlink_up.get(name) and name not in r.carrier_lost:
+                r.carrier_lost.add(name)
+                log.info("link %s down (carrier lost, before the link event)", name)
+            self._link_changed(r, name, before, now)
 
     def _on_control(self, _server: Any) -> None:
         conn = self.control.accept()
