@@ -335,13 +335,15 @@ def test_notify_hooks_ran_in_order(pair):
     lab = pair
     _restore_all(lab)
     log = Path(f"{lab.hook}.fw2.log")
+    time.sleep(0.5)  # let hooks of earlier transitions finish
+    skip = len(log.read_text().splitlines()) if log.exists() else 0
     assert nsctl.ask(lab, "fw1", "switchover")["ok"]
     wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
     assert nsctl.ask(lab, "fw2", "switchover")["ok"]
     wait_states(lab, STEADY)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        lines = log.read_text().splitlines() if log.exists() else []
+        lines = log.read_text().splitlines()[skip:] if log.exists() else []
         if len(lines) >= 2 and lines[-1].startswith("MASTER BACKUP"):
             break
         time.sleep(0.05)
@@ -349,5 +351,5 @@ def test_notify_hooks_ran_in_order(pair):
     # every line continues where the previous one ended: no hook ran out of order
     for prev, nxt in zip(states, states[1:]):
         assert prev[1] == nxt[0], lines
-    assert states[-2:] == [["BACKUP", "MASTER"], ["MASTER", "BACKUP"]]
+    assert states == [["BACKUP", "MASTER"], ["MASTER", "BACKUP"]]
     assert lines[-1].split()[2] == "1"  # HASYNC_GROUP
