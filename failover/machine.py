@@ -1,17 +1,17 @@
 """The failover state machine: sans-I/O, time passed in, actions out.
 
-                       enable
-           +-----------------------------------+
-           v                                   |
-  start -> INIT --peer is Master / outranks--> BACKUP <------------------+
-           |                                   |  ^                      |
-           | nobody seen for the dead time     |  | outranked (split     | monitored links
-           | or we outrank the peer            |  | healed), resigned    | all up again
-           v      peer lost / resigned / FAULT v  | (switchover)         |
-         MASTER <------------------------------+  |                    FAULT
-           |  +-----------------------------------+                      ^
-           +-- monitored interface down (any state but DISABLED) --------+
-  any state --disable--> DISABLED            any state --shutdown--> STOPPED
+  start / enable / monitored links all up again
+        |
+        v
+      INIT --peer is Master, or outranks us--> BACKUP
+        |                                       |  ^
+        | nobody heard for the dead time,       |  | the peer outranks us (split healed),
+        | or we outrank the peer                |  | or we handed over (switchover)
+        v                                       v  |
+      MASTER <--peer lost / resigned / FAULT----+  |
+        +------------------------------------------+
+  any state but DISABLED --monitored interface down--> FAULT
+  any state --disable--> DISABLED          any state --shutdown--> STOPPED
 
 Failure is detected from adverts on every path (the HA link and each monitored
 interface), so a cut HA link alone never makes two Masters. A Master that must
