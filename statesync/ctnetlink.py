@@ -1,0 +1,426 @@
+"""The ctnetlink socket: events, dumps and batched create/delete against the kernel.
+
+One AF_NETLINK/NETLINK_NETFILTER socket in the network namespace current at
+creation time (a netlink socket stays bound to that namespace for life, so
+`CtSocket.open_in(netns)` enters a namespace only for the socket() call).
+
+Writes are batched: many requests packed into one buffer and one send() per
+~256 KiB. Requests carry no NLM_F_ACK by default: netlink handles a send()
+synchronously, so once send() returns every error message is already queued
+and a non-blocking drain collects them; success is "sent minus errors".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from . import ctmsg
+from .ctbuild import CtEntry, encode_entry, synthetic_entries  # noqa: F401  (re-exported)
+from .ctconst import (  # noqa: F401  (EV_* re-exported)
+    CT_DELETE, CT_EVENT_GROUPS, CT_GET, CT_NEW, EV_DESTROY, EV_NEW, EV_UPDATE, EXP_DELETE, EXP_GET,
+    NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK_EXP,
+    NFGEN_HDR, NFGEN_HDR_LEN, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+)
+from .ctexp import encode_expectation, expectation_key, to_expectation_create_message  # noqa: F401
+from .ctcreate import (  # noqa: F401  (re-exported)
+    CREATE_EXCL_FLAGS, CREATE_FLAGS, UPDATE_FLAGS, prepare, to_create_message, to_update_message,
+)
+from .ctmsg import (  # noqa: F401  (re-exported)
+    CtEvent, MalformedMessage, decode_entry, key_of, parse_messages_counted, to_delete_message,
+    tuple_info,
+)
+
+__all__ = [
+    "CtSocket", "Overrun", "ApplyResult", "CtEvent", "CtEntry", "MalformedMessage", "entered_netns",
+    "EV_NEW", "EV_UPDATE", "EV_DESTROY",
+    "to_create_message", "to_update_message", "to_delete_message", "tuple_info", "key_of",
+    "decode_entry", "encode_entry", "synthetic_entries", "encode_expectation", "expectation_key",
+]
+
+SOL_NETLINK = 270
+NETLINK_NO_ENOBUFS = 5
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+
+RECV_SIZE = 1 << 20
+SEND_BATCH = 256 << 10
+CLONE_NEWNET = 0x40000000
+
+
+class Overrun(Exception):
+    """ENOBUFS on the event socket: events were lost, the caller must resync from a dump."""
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    sent: int = 0
+    errors: Counter = field(default_factory=Counter)  # errno -> count
+    lost_replies: bool = False  # the reply queue overflowed: error counts are a lower bound
+    retried: int = 0  # NATed/related entries sent a second time in their other form
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def ok(self) -> int:
+        return self.sent - self.failed
+
+    def __iadd__(self, other: "ApplyResult") -> "ApplyResult":
+        self.sent += other.sent
+        self.errors.update(other.errors)
+        self.lost_replies |= other.lost_replies
+        return self
+
+
+class CtSocket:
+    """One ctnetlink socket in the current network namespace."""
+
+    def __init__(self, groups: int = 0, rcvbuf: int = 8 << 20, sndbuf: int = 4 << 20):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            _set_buf(self.sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+            # a batch must fit the send buffer (netlink_sendmsg: EMSGSIZE above sk_sndbuf - 32)
+            _set_buf(self.sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, max(sndbuf, 2 * SEND_BATCH))
+            # errors echo only the header of the failed request, not the whole batch's bytes
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            self.sock.bind((0, groups))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.groups = groups
+        self.portid = self.sock.getsockname()[0]
+        self._seq = 1
+        self.malformed = 0  # messages from the kernel that did not parse (dropped)
+
+    @classmethod
+    def events(cls, rcvbuf: int = 32 << 20) -> "CtSocket":
+        """Subscribed to new/update/destroy. NETLINK_NO_ENOBUFS stays off: overruns must surface."""
+        return cls(groups=CT_EVENT_GROUPS, rcvbuf=rcvbuf)
+
+    @classmethod
+    def open_in(cls, netns: str, *args, events: bool = False, **kw) -> "CtSocket":
+        """A socket in the named network namespace (/run/netns/NAME), this thread left where it was."""
+        with entered_netns(netns):
+            return cls.events(*args, **kw) if events else cls(*args, **kw)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _next_seq(self, n: int = 1) -> int:
+        seq = self._seq
+        self._seq = (self._seq + n) & 0xFFFFFFFF or 1
+        return seq
+
+    # --- events ----------------------------------------------------------------------
+
+    def recv_batch(self, block: bool = True, max_datagrams: int = 4096) -> list[CtEvent]:
+        """Every event queued now (after waiting for the first one if `block`).
+
+        Each event is its own netlink datagram, so this drains up to
+        `max_datagrams` recv() calls without blocking; a dump reply packs many
+        messages per datagram and goes through the same parser.
+        Raises Overrun on ENOBUFS (events already parsed in this call are lost
+        too: the caller resyncs from a dump anyway).
+        """
+        recv = self.sock.recv
+        out: list[CtEvent] = []
+        flags = 0 if block else socket.MSG_DONTWAIT
+        for _ in range(max_datagrams):
+            try:
+                buf = recv(RECV_SIZE, flags)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise Overrun("conntrack event queue overran (ENOBUFS)") from e
+                raise
+            events, bad, _ = parse_messages_counted(buf)
+            if bad:
+                self.malformed += bad
+            out.extend(events)
+            flags = socket.MSG_DONTWAIT
+        return out
+
+    # --- dump ------------------------------------------------------------------------
+
+    def dump(self, family: int = socket.AF_UNSPEC) -> Iterator[CtEvent]:
+        """Every entry of the table (kind EV_NEW), streamed as the kernel answers."""
+        yield from self._dump(CT_GET, family)
+
+    def _dump(self, msg_type: int, family: int) -> Iterator[CtEvent]:
+        seq = self._next_seq()
+        self.sock.send(ctmsg.request(msg_type, NLM_F_REQUEST | NLM_F_DUMP, family, seq))
+        while True:
+            buf = self.sock.recv(RECV_SIZE)
+            errors: list = []
+            events, bad, done = parse_messages_counted(buf, errors=errors)
+            self.malformed += bad
+            for ev in events:
+                ev.kind = EV_NEW
+            yield from events
+            for eseq, err in errors:
+                if eseq == seq and err:
+                    raise OSError(err, f"ctnetlink dump: {os.strerror(err)}")
+                if eseq == seq:
+                    done = True
+            if done:
+                return
+
+    # --- expectations ------------------------------------------------------------------
+
+    def dump_expectations(self, family: int = socket.AF_UNSPEC) -> Iterator[CtEvent]:
+        """Every expectation (kind EV_NEW; key = CTA_EXPECT_TUPLE [+ zone] bytes)."""
+        seq = self._next_seq()
+        self.sock.send(ctmsg.request(EXP_GET, NLM_F_REQUEST | NLM_F_DUMP, family, seq))
+        while True:
+            buf = self.sock.recv(RECV_SIZE)
+            errors: list = []
+            raw, bad, done = ctmsg.parse_messages_counted(buf, errors=errors, subsys=NFNL_SUBSYS_CTNETLINK_EXP)
+            self.malformed += bad
+            for ev in raw:
+                try:
+                    yield CtEvent(EV_NEW, ev.family, expectation_key(ev.attrs), ev.attrs)
+                except MalformedMessage:
+                    self.malformed += 1
+            for eseq, err in errors:
+                if eseq == seq and err:
+                    raise OSError(err, f"expectation dump: {os.strerror(err)}")
+                done = done or eseq == seq
+            if done:
+                return
+
+    def apply_expectations(self, entries: Iterable[tuple[int, bytes]]) -> ApplyResult:
+        """Create-or-refresh expectations captured elsewhere (their masters must exist here)."""
+        def messages():
+            seq = self._seq
+            for family, attrs in entries:
+                yield to_expectation_create_message(family, attrs, seq)
+                seq = (seq + 1) & 0xFFFFFFFF or 1
+            self._seq = seq
+
+        return self.send_batched(messages())
+
+    def flush_expectations(self, family: int = socket.AF_UNSPEC) -> None:
+        self._request_ack(EXP_DELETE, family)
+
+    # --- batched writes ----------------------------------------------------------------
+
+    def apply(self, entries: Iterable[tuple[int, bytes]], likely_new: bool = True) -> ApplyResult:
+        """Create-or-update each (family, attrs) captured from another kernel.
+
+        A plain entry is one request (NLM_F_CREATE without NLM_F_EXCL). A NATed or
+        related entry has distinct create and update forms (see ctcreate): the
+        first pass sends the create form (likely_new, e.g. NEW events and resyncs)
+        or the update form (e.g. UPDATE events), and the entries answered EEXIST /
+        ENOENT go again in the other form. Errors are counted after the retry.
+        """
+        first: list[bytes] = []  # bodies for pass 1
+        flags1: list[int] = []
+        second: list[bytes | None] = []  # bodies for pass 2 (None: no second form)
+        families: list[int] = []
+        result = ApplyResult()
+        for family, attrs in entries:
+            try:
+                create, update = prepare(attrs)
+            except MalformedMessage:
+                result.sent += 1
+                result.errors[errno.EINVAL] += 1
+                continue
+            families.append(family)
+            if update is None:
+                first.append(create)
+                flags1.append(CREATE_FLAGS)
+                second.append(None)
+            elif likely_new:
+                first.append(create)
+                flags1.append(CREATE_EXCL_FLAGS)
+                second.append(update)
+            else:
+                first.append(update)
+                flags1.append(UPDATE_FLAGS)
+                second.append(create)
+        retry_errno = {CREATE_EXCL_FLAGS: errno.EEXIST, UPDATE_FLAGS: errno.ENOENT}
+        failed = self._send_indexed(
+            [(families[i], flags1[i], first[i]) for i in range(len(first))], result)
+        again = []
+        for i, err in failed:
+            if second[i] is not None and retry_errno.get(flags1[i]) == err:
+                # the other form: create <-> update
+                again.append((families[i], UPDATE_FLAGS if flags1[i] != UPDATE_FLAGS else CREATE_EXCL_FLAGS,
+                              second[i]))
+            else:
+                result.errors[err] += 1
+        if again:
+            result.retried = len(again)
+            for _, err in self._send_indexed(again, ApplyResult()):
+                result.errors[err] += 1
+        return result
+
+    def _send_indexed(self, requests: list[tuple[int, int, bytes]], result: ApplyResult) -> list[tuple[int, int]]:
+        """Send (family, flags, body) requests in batches; return [(index, errno)] of failures."""
+        hdr = NFGEN_HDR.pack
+        seq0 = self._next_seq(len(requests) + 1)
+        failures: list[tuple[int, int]] = []
+
+        def messages():
+            seq = seq0
+            for family, flags, body in requests:
+                yield hdr(NFGEN_HDR_LEN + len(body), CT_NEW, flags, seq, 0, family, 0, 0) + body
+                seq = (seq + 1) & 0xFFFFFFFF
+
+        sub = self.send_batched(messages(), failures=failures)
+        result.sent += sub.sent
+        result.lost_replies |= sub.lost_replies
+        n = len(requests)
+        return [((s - seq0) & 0xFFFFFFFF, e) for s, e in failures if (s - seq0) & 0xFFFFFFFF < n]
+
+    def delete(self, keys: Iterable[bytes], family: int = socket.AF_UNSPEC) -> ApplyResult:
+        """Delete by key (orig tuple [+ zone] attribute bytes). AF_UNSPEC: the family is read
+        from the key's address attribute. ENOENT counts entries already gone."""
+        hdr = NFGEN_HDR.pack
+
+        def messages():
+            seq = self._seq
+            for key in keys:
+                fam = family or _family_of_key(key)
+                yield hdr(NFGEN_HDR_LEN + len(key), CT_DELETE, NLM_F_REQUEST, seq, 0, fam, 0, 0) + key
+                seq = (seq + 1) & 0xFFFFFFFF or 1
+            self._seq = seq
+
+        return self.send_batched(messages())
+
+    def send_batched(self, messages: Iterable[bytes], failures: list | None = None) -> ApplyResult:
+        """Send prepared requests, ~256 KiB per send(); count error replies by errno.
+
+        With `failures`, errors are appended there as (seq, errno) instead of counted.
+        """
+        result = ApplyResult()
+        batch: list[bytes] = []
+        size = 0
+        count = 0
+        for m in messages:
+            batch.append(m)
+            size += len(m)
+            count += 1
+            if size >= SEND_BATCH:
+                self._send_and_drain(b"".join(batch), count, result, failures)
+                batch.clear()
+                size = count = 0
+        if batch:
+            self._send_and_drain(b"".join(batch), count, result, failures)
+        return result
+
+    def _send_and_drain(self, data: bytes, count: int, result: ApplyResult, failures: list | None) -> None:
+        self.sock.send(data)
+        result.sent += count
+        self._drain_replies(result, failures)
+
+    def _drain_replies(self, result: ApplyResult, failures: list | None = None) -> None:
+        while True:
+            try:
+                buf = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                result.lost_replies = True
+                continue
+            errors: list = []
+            _, bad, _ = parse_messages_counted(buf, errors=errors)
+            self.malformed += bad
+            for seq, err in errors:
+                if not err:  # 0 is an ACK
+                    continue
+                if failures is None:
+                    result.errors[err] += 1
+                else:
+                    failures.append((seq, err))
+
+    def flush(self, family: int = socket.AF_UNSPEC) -> None:
+        """Delete every entry (IPCTNL_MSG_CT_DELETE without attributes), waiting for the ACK."""
+        self._request_ack(CT_DELETE, family)
+
+    def _request_ack(self, msg_type: int, family: int, body: bytes = b"") -> None:
+        seq = self._next_seq()
+        self.sock.send(ctmsg.request(msg_type, NLM_F_REQUEST | NLM_F_ACK, family, seq, body))
+        while True:
+            buf = self.sock.recv(RECV_SIZE)
+            errors: list = []
+            parse_messages_counted(buf, errors=errors)
+            for eseq, err in errors:
+                if eseq == seq:
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    return
+
+
+def _family_of_key(key: bytes) -> int:
+    # CTA_TUPLE_IP is the first child: its first address attribute says v4 (1, 2) or v6 (3, 4)
+    try:
+        t = ctmsg.NLA_HDR.unpack_from(key, 8)[1] & ctmsg.NLA_TYPE_MASK
+    except struct.error:
+        return socket.AF_INET
+    return socket.AF_INET6 if t in (ctmsg.CTA_IP_V6_SRC, ctmsg.CTA_IP_V6_DST) else socket.AF_INET
+
+
+def _set_buf(sock: socket.socket, opt: int, force_opt: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, size)  # root: above net.core.*mem_max
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+# --- namespaces -------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class entered_netns:
+    """Context manager: this thread in /run/netns/NAME, back to its own namespace on exit."""
+
+    def __init__(self, name: str):
+        self.path = name if name.startswith("/") else f"/run/netns/{name}"
+
+    def __enter__(self):
+        self._home = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(self.path, os.O_RDONLY)
+        try:
+            _setns(target)
+        except BaseException:
+            os.close(self._home)
+            raise
+        finally:
+            os.close(target)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            _setns(self._home)
+        finally:
+            os.close(self._home)
