@@ -64,6 +64,7 @@ class PeerView:
     version: str = ""
     config_digest: bytes = b""
     sync_position: int = 0
+    counter: int = 0  # the newest advert's counter: older ones carry stale state
     last_seen: dict[int, float] = field(default_factory=dict)  # path index -> time
     stopped: bool = False
 
@@ -77,12 +78,13 @@ class PeerView:
 class FailoverMachine:
     def __init__(
         self, *, hostname: str, priority: int, timing: Timing,
-        monitored: tuple[str, ...], enabled: bool = True,
+        monitored: tuple[str, ...], enabled: bool = True, path_count: int = 1,
     ):
         self.hostname = hostname
         self.priority = priority
         self.timing = timing
         self.monitored = monitored
+        self.path_count = path_count  # heartbeat paths (HA link + monitored interfaces)
         self.enabled = enabled
         self.state = DISABLED if not enabled else INIT
         self.cause = "start"
@@ -112,11 +114,16 @@ class FailoverMachine:
 
     def on_advert(self, adv: wire.Advert, now: float) -> list[Action]:
         peer = self.peer
+        peer.last_seen[adv.path] = now
+        if adv.hostname == peer.hostname and adv.counter < peer.counter:
+            # an older advert overtaken by a newer one on another path: it proves the
+            # path is alive, but its state is stale (e.g. sent just before a RESIGN)
+            return []
+        peer.counter = adv.counter
         peer.hostname, peer.state, peer.priority = adv.hostname, adv.state, adv.priority
         peer.flags, peer.version = adv.flags, adv.version
         peer.config_digest, peer.sync_position = adv.config_digest, adv.sync_position
         peer.stopped = adv.has(wire.FLAG_SHUTDOWN) and adv.state != MASTER
-        peer.last_seen[adv.path] = now
         if peer.stopped:
             peer.last_seen.clear()
         return self._decide(now)
@@ -279,7 +286,10 @@ class FailoverMachine:
 
     def _consider_preempt(self, now: float) -> None:
         t = self.timing
-        wants = (t.preempt != "off" and not self.yielded
+        # only once the peer is heard on every path: a link that just came back may not
+        # pass frames yet (a switch port waits for its own delayed link event)
+        all_paths = len(self.peer.paths_alive(now, t.dead_interval)) >= self.path_count
+        wants = (t.preempt != "off" and not self.yielded and all_paths
                  and self.priority > self.peer.priority and not self.takeover_requested)
         if not wants:
             self._preempt_at = NEVER

@@ -59,6 +59,7 @@ class GroupRunner:
         self.machine = FailoverMachine(
             hostname=cfg.hostname, priority=group.priority, timing=timing_of(group),
             monitored=tuple(m.interface for m in group.monitors), enabled=cfg.enabled,
+            path_count=len(self.paths.paths),
         )
         self.links = LinkMonitor(set(self.paths.names) | {group.ha_link})
         self.netlink_up = dict(self.links.initial())  # as the kernel's link events say

@@ -76,13 +76,16 @@ def fail(lab: Lab, node: str, kind: str) -> None:
     """Inject fault `kind` (crash|poweroff|wan1|lan1|halink) on firewall `node` and record it."""
     _check(lab, node, kind)
     if kind in NODE_DOWN_KINDS:
+        # the node dies all at once: HA link silenced, links down, and only then the
+        # daemon reaped (which may take a while for some daemons); nothing it says while
+        # dying gets out
+        if kind == "crash":
+            run(lab, node, ["nft", "-f", "-"], input=_silence_ruleset("lan2"))
+        downed = [ifname for ifname in lab.addresses[node] if kind == "poweroff" or ifname != "lan2"]
+        ip_batch([f"link set {ifname} down" for ifname in downed], netns=lab.ns(node))
         pid = lab.pids.pop(node, None)
         if pid and pid_in_netns(pid, lab.ns(node)):
             kill_now(pid)
-        downed = [ifname for ifname in lab.addresses[node] if kind == "poweroff" or ifname != "lan2"]
-        ip_batch([f"link set {ifname} down" for ifname in downed], netns=lab.ns(node))
-        if kind == "crash":
-            run(lab, node, ["nft", "-f", "-"], input=_silence_ruleset("lan2"))
     else:
         _set_cable(lab, node, kind, "down")
     active = lab.faults.setdefault(node, [])

@@ -36,7 +36,7 @@ class PairSim:
         self.links_down: dict[str, set[str]] = {"fw1": set(), "fw2": set()}
         self.nodes = {
             name: Node(name, FailoverMachine(hostname=name, priority=prio, timing=self.timing,
-                                             monitored=("wan1", "lan1")))
+                                             monitored=("wan1", "lan1"), path_count=3))
             for name, prio in (("fw1", prio_a), ("fw2", prio_b))
         }
         self._queue: list[tuple[float, int, str, wire.Advert]] = []
@@ -113,7 +113,7 @@ class PairSim:
     def restart(self, name: str) -> None:
         node = self.nodes[name]
         node.machine = FailoverMachine(hostname=name, priority=node.machine.priority,
-                                       timing=self.timing, monitored=("wan1", "lan1"))
+                                       timing=self.timing, monitored=("wan1", "lan1"), path_count=3)
         node.crashed = False
         self._apply(node, node.machine.start(self.now, {"wan1": True, "lan1": True}))
 

@@ -1,0 +1,81 @@
+"""Which conntrack entries are replicated (conntrack-tools' filter.c, in one small class).
+
+Decided on the raw key (the original tuple) only: the HA link's own subnet (the sync
+channel and heartbeats), loopback, the configured address ranges and protocols are
+ignored. Addresses are compared as integers against precomputed (network, mask)
+pairs: no ipaddress object per event.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Iterable
+
+from .ctmsg import MalformedMessage, tuple_info
+
+PROTOCOLS = {
+    "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "esp": 50, "ah": 51,
+    "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132, "udplite": 136,
+}
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def protocol_number(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    if name.isdigit():
+        return int(name)
+    try:
+        return PROTOCOLS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}") from None
+
+
+class EntryFilter:
+    """`accepts(key)` is True when an entry must be replicated."""
+
+    def __init__(self, ignore_networks: Iterable = (), ignore_protocols: Iterable = ()):
+        nets = [ipaddress.ip_network(n, strict=False) for n in (*LOOPBACK, *ignore_networks)]
+        # by address length (4 or 16 bytes): [(network int, mask int)]
+        self._nets: dict[int, list[tuple[int, int]]] = {4: [], 16: []}
+        for n in nets:
+            size = 4 if n.version == 4 else 16
+            self._nets[size].append((int(n.network_address), int(n.netmask)))
+        self._protocols = frozenset(protocol_number(p) for p in ignore_protocols)
+        self.ignored = 0
+        self.malformed = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "EntryFilter":
+        """The node config's filter: its HA link subnet plus sync.ignore_*."""
+        nets = list(cfg.sync.ignore_addresses)
+        group = cfg.group
+        if group is not None:
+            nets.append(ipaddress.ip_network(f"{group.peer_address}/{group.peer_mask}", strict=False))
+        return cls(nets, cfg.sync.ignore_protocols)
+
+    def accepts(self, key: bytes) -> bool:
+        try:
+            proto, src, dst, _sport, _dport = tuple_info(key)
+        except (MalformedMessage, ValueError, IndexError, struct.error):  # unreadable: not ours to send
+            self.malformed += 1
+            return False
+        if proto in self._protocols or self._in_ignored(src) or self._in_ignored(dst):
+            self.ignored += 1
+            return False
+        return True
+
+    def _in_ignored(self, addr: bytes) -> bool:
+        nets = self._nets.get(len(addr))
+        if not nets:
+            return False
+        value = int.from_bytes(addr, "big")
+        for net, mask in nets:
+            if value & mask == net:
+                return True
+        return False
+
+    def select(self, events: Iterable) -> list:
+        accepts = self.accepts
+        return [ev for ev in events if accepts(ev.key)]

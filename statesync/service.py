@@ -1,0 +1,415 @@
+"""The state sync process: kernel <-> protocol <-> channel, one loop, one thread.
+
+    python -m statesync.service --config FILE [--role master|backup]
+
+Master: ctnetlink events -> EntryFilter -> Sender -> Channel. An event overrun
+(ENOBUFS) or a NACK the window cannot serve restarts a resync from a fresh dump.
+Backup: Channel -> Receiver -> the kernel (mode "kernel": CtSocket.apply/delete at
+once) or a dict (mode "cache": committed into the kernel when we become Master).
+
+Loop prevention: the direction follows the role. Only the Master reads events and
+only the Backup writes entries, so nothing a node injected is ever sent back; no
+origin mark is needed (conntrack-tools needs one because its nodes may both send).
+The failover daemon starts this process (statesync.supervisor) and drives roles
+over the control socket (statesync.control). Until told otherwise it is a Backup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import zmq
+
+import hasync
+from hasync import config as cfgmod
+
+from . import control, keys, protocol, wire
+from .channel import Channel
+from .ctnetlink import EV_DESTROY, CtSocket, Overrun
+from .filter import EntryFilter
+
+log = logging.getLogger("hasync.sync")
+
+MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
+MAX_WAIT_S = 0.2
+
+
+def ha_link_address(ifname: str, peer_network) -> str:
+    """Our address on the HA link: the one of `ifname` inside the peer's subnet."""
+    import ipaddress
+
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise SystemExit(f"statesync: HA link interface {ifname} does not exist")
+        for msg in ipr.get_addr(index=idx[0]):
+            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if addr in peer_network:
+                return str(addr)
+    raise SystemExit(f"statesync: {ifname} has no address in the HA link subnet {peer_network}")
+
+
+class SyncService:
+    def __init__(self, cfg: cfgmod.NodeConfig, *, role: str = "backup", local_address: str | None = None):
+        group = cfg.group
+        if group is None:
+            raise SystemExit("statesync: the config has no HA group")
+        if cfg.sync.curve_secret_key_file is None or not cfg.sync.peer_public_key:
+            raise SystemExit("statesync: sync.curve_secret_key_file and sync.peer_public_key are required")
+        self.cfg = cfg
+        self.mode = cfg.sync.mode
+        self.role = "backup"
+        self.filter = EntryFilter.from_config(cfg)
+        public, secret = keys.load_secret(cfg.sync.curve_secret_key_file)
+        local = local_address or ha_link_address(group.ha_link, group.peer_network)
+        self.channel = Channel(
+            local_address=local,
+            peer_address=str(group.peer_address),
+            port=cfg.sync.port,
+            public_key=public,
+            secret_key=secret,
+            peer_public_key=keys.check_z85(cfg.sync.peer_public_key, "sync.peer_public_key"),
+            hello=wire.Hello(hasync.__version__, cfg.hostname, "backup", uuid.uuid4().hex),
+        )
+        self.ct = CtSocket()  # apply / delete / purge dumps
+        self.events: CtSocket | None = None
+        self.sender: protocol.Sender | None = None
+        self.receiver = protocol.Receiver()
+        self.cache: dict[bytes, tuple[int, bytes]] = {}
+        self.poller = zmq.Poller()
+        for sock in self.channel.sockets():
+            self.poller.register(sock, zmq.POLLIN)
+        self.control = control.open_server(cfg.control_socket, self)
+        self.poller.register(self.control.fileno(), zmq.POLLIN)
+        self._conns: dict[int, Any] = {}
+        # what status reports
+        self.entries_sent = 0
+        self.entries_applied = 0
+        self.overruns = 0
+        self.errors: Counter = Counter()  # errno name / reason -> count
+        self.frames_ignored_role = 0
+        self.last_resync: dict[str, Any] | None = None
+        self._resync_started: float | None = None
+        self._snap_base = 0
+        self._unsynced_since: float | None = time.monotonic()
+        self._sent_before = 0  # records counted from Senders of earlier master terms
+        self._applied_ok = 0
+        self.running = True
+        self.set_role(role)
+
+    # ---- control commands (statesync.control) -----------------------------------------
+
+    def set_role(self, role: str) -> dict[str, Any]:
+        if role == self.role and (role == "backup" or self.sender is not None):
+            return {"role": role}
+        now = time.monotonic()
+        committed = 0
+        if role == "master":
+            if self.mode == "cache" and self.cache:
+                committed = self._commit_cache()
+            # events after the commit: our own commit is not news for the peer
+            self.events = CtSocket.events()
+            self.poller.register(self.events.fileno(), zmq.POLLIN)
+            self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
+            self.receiver.reset()
+            self._unsynced_since = None
+        else:
+            self._stop_master()
+            self.receiver.reset()
+            self._unsynced_since = now
+            if self.channel.connected:
+                self._send_actions(self.receiver.ask_resync(now))
+        self.role = role
+        self.channel.set_role(role)
+        log.info("role: %s%s", role, f" (committed {committed} cached entries)" if committed else "")
+        return {"role": role, "committed": committed}
+
+    def resync(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self.role == "master":
+            self._start_resync(now)
+            return {"resync": "sending a full snapshot to the peer"}
+        self._send_actions(self.receiver.ask_resync(now))
+        return {"resync": "asked the master for a full snapshot"}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        ch = self.channel
+        sent = self._sent_before + (self.sender.counters.records_sent if self.sender else 0)
+        if self.role == "master":
+            lag = self.sender.oldest_unacked_age(now) if self.sender else 0.0
+        else:
+            lag = 0.0 if self._unsynced_since is None else now - self._unsynced_since
+        problems = []
+        if self.role == "backup" and ch.connected and not self.receiver.synced:
+            problems.append("resync in progress")
+        if self.overruns:
+            problems.append(f"{self.overruns} event overruns (healed by resync)")
+        return {
+            "connected": ch.connected,
+            "peer": ch.peer.hostname if ch.peer else None,
+            "refused_reason": ch.refused_reason,
+            "last_refusal": ch.last_refusal,
+            "role": self.role,
+            "mode": self.mode,
+            "entries_sent": sent,
+            "entries_applied": self.entries_applied,
+            "cached": len(self.cache),
+            "lag_ms": round(lag * 1000, 1),
+            "last_resync": self.last_resync,
+            "errors": dict(self.errors),
+            "overruns": self.overruns,
+            "problems": problems,
+            "channel": vars(ch.counters).copy(),
+            "receiver": vars(self.receiver.counters).copy(),
+            "sender": vars(self.sender.counters).copy() if self.sender else None,
+            "filter": {"ignored": self.filter.ignored, "malformed": self.filter.malformed},
+            "frames_ignored_role": self.frames_ignored_role,
+        }
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while self.running:
+            self.turn(self._wait_ms())
+
+    def turn(self, wait_ms: int) -> None:
+        ready = dict(self.poller.poll(wait_ms))
+        now = time.monotonic()
+        if self.events is not None:
+            self._read_events(now)
+        self._read_channel(now)
+        self._serve_control(ready)
+        if self.sender is not None:
+            if self.sender.resync_needed:
+                self._start_resync(now)
+            self.channel.send_all(self.sender.next_frames(now, max_frames=MAX_FRAMES_PER_TURN))
+            if self.sender.resyncing is False and self._resync_started is not None:
+                self._resync_done(now, self.sender.counters.snapshot_records_sent)
+
+    def _wait_ms(self) -> int:
+        now = time.monotonic()
+        deadline = now + MAX_WAIT_S
+        if self.sender is not None:
+            if self.sender.has_work:
+                return 0
+            deadline = min(deadline, self.sender.get_timer())
+        hello = self.channel.next_timer()
+        if hello is not None:
+            deadline = min(deadline, hello)
+        if deadline <= now:  # also -inf: a timer that never ran is due
+            return 0
+        return int((deadline - now) * 1000) + 1
+
+    def _read_events(self, now: float) -> None:
+        try:
+            events = self.events.recv_batch(block=False)
+        except Overrun:
+            self.overruns += 1
+            log.warning("conntrack event overrun: resync from a dump")
+            self._drain_events()
+            self._start_resync(now)
+            return
+        if events and self.sender is not None:
+            self.sender.on_events(self.filter.select(events))
+
+    def _drain_events(self) -> None:
+        """Empty the event queue before the dump starts. After an overrun the kernel keeps
+        dropping events, without a second ENOBUFS, until the queue is empty (netlink's
+        CONGESTED bit): anything dropped before the dump starts is in the dump, anything
+        after reaches us as an event."""
+        while True:
+            try:
+                if not self.events.recv_batch(block=False):
+                    return
+            except Overrun:
+                continue
+
+    def _read_channel(self, now: float) -> None:
+        frames = self.channel.receive(now)
+        if self.channel.take_new_session():
+            # a (re)connected peer: a Backup asks for everything, a Master waits for that request
+            if self.role == "backup":
+                self.receiver.reset()
+                self._unsynced_since = now
+                self._send_actions(self.receiver.ask_resync(now))
+        if not frames:
+            return
+        actions: list = []
+        for frame in frames:
+            ftype = frame.type
+            if ftype in (wire.ACK, wire.NACK, wire.RESYNC_REQ):
+                if self.sender is None:
+                    self.frames_ignored_role += 1
+                elif ftype == wire.ACK:
+                    self.sender.on_ack(frame.payload, now)
+                elif ftype == wire.NACK:
+                    self.sender.on_nack(*frame.payload, now)
+                else:
+                    self._start_resync(now)
+            elif self.role == "backup":
+                actions.extend(self.receiver.on_frame(frame, now))
+            elif ftype != wire.KEEPALIVE:
+                self.frames_ignored_role += 1  # two masters: never apply the other's state
+        if actions:
+            self._backup_actions(actions, now)
+
+    def _backup_actions(self, actions: list, now: float) -> None:
+        # coalesce consecutive Apply batches: per key only the last record matters
+        merged: dict[bytes, tuple[int, int, bytes]] = {}
+        for act in actions:
+            if isinstance(act, protocol.Apply):
+                for op, family, key, attrs in act.records:
+                    merged.pop(key, None)
+                    merged[key] = (op, family, attrs)
+            elif isinstance(act, protocol.Purge):
+                self._write(merged)
+                merged = {}
+                self._purge(act.keep)
+                self._unsynced_since = None
+                self.last_resync = {"at": time.time(), "id": act.resync_id, "entries": len(act.keep)}
+            else:
+                self.channel.send(act.to_bytes())
+        self._write(merged)
+        if self.receiver.synced:
+            self._unsynced_since = None
+
+    def _write(self, merged: dict[bytes, tuple[int, int, bytes]]) -> None:
+        if not merged:
+            return
+        if self.mode == "cache":
+            for key, (op, family, attrs) in merged.items():
+                if op == wire.OP_UPSERT:
+                    self.cache[key] = (family, attrs)
+                else:
+                    self.cache.pop(key, None)
+            self.entries_applied += len(merged)
+            return
+        upserts = [(family, attrs) for op, family, attrs in merged.values() if op == wire.OP_UPSERT]
+        deletes = [key for key, (op, _f, _a) in merged.items() if op == wire.OP_DELETE]
+        if upserts:
+            res = self.ct.apply(upserts)
+            self.entries_applied += res.ok
+            self._count_errors(res, ignore=())
+        if deletes:
+            res = self.ct.delete(deletes)
+            self.entries_applied += res.ok
+            self._count_errors(res, ignore=(2,))  # ENOENT: already gone (timed out here)
+
+    def _purge(self, keep: frozenset[bytes]) -> None:
+        if self.mode == "cache":
+            for key in [k for k in self.cache if k not in keep]:
+                del self.cache[key]
+            return
+        accepts = self.filter.accepts
+        stale = [ev.key for ev in self.ct.dump() if ev.key not in keep and accepts(ev.key)]
+        if stale:
+            res = self.ct.delete(stale)
+            self._count_errors(res, ignore=(2,))
+        log.info("resync complete: %d entries, %d stale ones purged", len(keep), len(stale))
+
+    def _commit_cache(self) -> int:
+        res = self.ct.apply(list(self.cache.values()))
+        self._count_errors(res, ignore=())
+        self.cache.clear()
+        return res.ok
+
+    def _count_errors(self, res, ignore: tuple[int, ...]) -> None:
+        import errno as errno_mod
+
+        for err, n in res.errors.items():
+            if err not in ignore:
+                self.errors[errno_mod.errorcode.get(err, str(err))] += n
+
+    def _snapshot(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """A dump on its own socket, read lazily as the window lets the snapshot flow."""
+        sock = CtSocket()
+        try:
+            accepts = self.filter.accepts
+            for ev in sock.dump():
+                if accepts(ev.key):
+                    yield ev.family, ev.key, ev.attrs
+        finally:
+            sock.close()
+
+    def _start_resync(self, now: float) -> None:
+        if self.sender is None:
+            return
+        self._resync_started = now
+        self._snap_base = self.sender.counters.snapshot_records_sent
+        self.sender.start_resync(self._snapshot())
+
+    def _resync_done(self, now: float, snapshot_sent: int) -> None:
+        self.last_resync = {"at": time.time(), "id": self.sender.resync_id,
+                            "entries": snapshot_sent - self._snap_base,
+                            "duration_ms": round((now - self._resync_started) * 1000, 1)}
+        self._resync_started = None
+
+    def _stop_master(self) -> None:
+        if self.events is not None:
+            self.poller.unregister(self.events.fileno())
+            self.events.close()
+            self.events = None
+        if self.sender is not None:
+            self._sent_before += self.sender.counters.records_sent
+            self.sender = None
+        self._resync_started = None
+
+    def _send_actions(self, actions: list) -> None:
+        for act in actions:
+            self.channel.send(act.to_bytes())
+
+    def _serve_control(self, ready: dict) -> None:
+        # zmq.Poller reports plain sockets by file descriptor
+        if self.control.fileno() in ready:
+            conn = self.control.accept()
+            if conn is not None:
+                self._conns[conn.fileno()] = conn
+                self.poller.register(conn.fileno(), zmq.POLLIN)
+        for fd in [fd for fd in self._conns if fd in ready]:
+            conn = self._conns[fd]
+            if self.control.readable(conn):  # answered (or gone): the server closed it
+                self.poller.unregister(fd)
+                del self._conns[fd]
+
+    def close(self) -> None:
+        self._stop_master()
+        for conn in self._conns.values():
+            conn.close()
+        self.control.close()
+        self.channel.close()
+        self.ct.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="statesync.service", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--role", choices=control.ROLES, default="backup", help="role at start (default backup)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s statesync %(levelname)s %(message)s")
+    cfg = cfgmod.load(args.config)
+    service = SyncService(cfg, role=args.role)
+
+    def stop(*_):
+        service.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        service.run()
+    finally:
+        service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""State sync end to end: sessions through the Master's SNAT survive its crash.
+
+The lab's ruleset is stateful with tcp_loose=0, so a session whose conntrack entry
+did not reach the Backup breaks after failover: the control test with sync off
+proves the main test can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hasync.lab import commands, faults, nsctl
+from hasync.lab.process import run, start_process, stop_process
+from hasync.lab.topology import teardown
+
+pytestmark = pytest.mark.lab
+
+SERVER = "203.0.113.10"
+STEADY = {"fw1": "MASTER", "fw2": "BACKUP"}
+SESSIONS = 200
+
+
+def _lab(sync: bool):
+    if os.geteuid() != 0:
+        pytest.skip("lab tests need root")
+    tag = f"s{secrets.token_hex(2)}"
+    lab = commands.up(f"t-sync-{tag}", tag=tag, owner_pid=os.getpid(), sync_enabled=sync)
+    ready = Path(lab.workdir) / "sessions.ready"
+    lab.pids["sessions-server"] = start_process(
+        lab, "server", [sys.executable, "-m", "hasync.lab.sessions", "server", "--port", "7001",
+                        "--ready-file", str(ready)], "sessions-server")
+    lab.save()
+    commands._wait_file(ready, 10)
+    return lab
+
+
+@pytest.fixture(scope="module")
+def synced():
+    lab = _lab(sync=True)
+    try:
+        wait_sync_connected(lab)
+        yield lab
+    finally:
+        teardown(lab)
+
+
+def wait_sync_connected(lab, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = [(nsctl.try_status(lab, fw) or {}).get("sync") or {} for fw in ("fw1", "fw2")]
+        if all(s.get("connected") for s in last):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"sync not connected: {last}")
+
+
+def conntrack_count(lab, fw: str, *args: str) -> int:
+    out = run(lab, fw, ["conntrack", "-L", *args], check=False).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def wait_count(lab, fw: str, expected: int, *args: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < deadline:
+        n = conntrack_count(lab, fw, *args)
+        if n == expected:
+            return n
+        time.sleep(0.1)
+    return n
+
+
+def sessions_through_crash(lab, count: int = SESSIONS) -> dict:
+    """`count` TCP sessions via fw1's SNAT, fw1 crashes, 3 s of traffic via fw2."""
+    out = Path(lab.workdir) / f"sessions-{secrets.token_hex(3)}.json"
+    ready = out.with_suffix(".ready")
+    pid = start_process(lab, "client", [
+        sys.executable, "-m", "hasync.lab.sessions", "client", "--target", SERVER, "--port", "7001",
+        "--count", str(count), "--interval-ms", "100", "--out", str(out), "--ready-file", str(ready)],
+        "sessions-client")
+    lab.pids["sessions-client"] = pid
+    lab.save()
+    try:
+        commands._wait_file(ready, 20)
+        # every session's entry must be on the Backup before the crash
+        assert wait_count(lab, "fw2", count, "-p", "tcp", "--dport", "7001") == count
+        time.sleep(0.5)
+        faults.fail(lab, "fw1", "crash")
+        commands.wait_until(lab, lambda s: s["fw2"] == "MASTER", 10)
+        time.sleep(3.0)
+    finally:
+        stop_process(pid, timeout=10)
+        lab.pids.pop("sessions-client", None)
+        lab.save()
+    commands._wait_file(out, 10)
+    return json.loads(out.read_text())
+
+
+def test_sessions_survive_master_crash(synced):
+    lab = synced
+    report = sessions_through_crash(lab)
+    assert report["established"] == SESSIONS
+    assert report["sessions_reset"] == 0
+    assert report["sessions_stalled"] == 0, report["max_stall_ms"]
+    assert report["sessions_ok"] == SESSIONS
+    # the Backup's kernel carried the NAT: replies still go to the WAN floating IP
+    out = run(lab, "fw2", ["conntrack", "-L", "-p", "tcp", "--dport", "7001"]).stdout
+    assert out.count("dst=203.0.113.1 ") >= SESSIONS
+    faults.restore(lab, "fw1")
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+
+
+def test_without_sync_sessions_break():
+    """The control: the same crash with sync off loses the sessions (the ruleset is stateful)."""
+    lab = _lab(sync=False)
+    try:
+        out = Path(lab.workdir) / "nosync.json"
+        ready = out.with_suffix(".ready")
+        pid = start_process(lab, "client", [
+            sys.executable, "-m", "hasync.lab.sessions", "client", "--target", SERVER, "--port", "7001",
+            "--count", "20", "--interval-ms", "100", "--out", str(out), "--ready-file", str(ready)],
+            "sessions-client")
+        commands._wait_file(ready, 20)
+        time.sleep(0.5)
+        faults.fail(lab, "fw1", "crash")
+        commands.wait_until(lab, lambda s: s["fw2"] == "MASTER", 10)
+        time.sleep(2.0)
+        stop_process(pid, timeout=10)
+        commands._wait_file(out, 10)
+        report = json.loads(out.read_text())
+        assert report["established"] == 20
+        assert report["sessions_ok"] == 0
+    finally:
+        teardown(lab)
+
+
+def test_udp_flows_and_deletions_replicate(synced):
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    wait_sync_connected(lab)
+    code = ("import socket\n"
+            "for port in range(40000, 40050):\n"
+            "    s = socket.socket(2, 2); s.bind(('0.0.0.0', port)); s.sendto(b'x', ('203.0.113.10', 9))\n")
+    run(lab, "client", [sys.executable, "-c", code])
+    assert wait_count(lab, "fw2", 50, "-p", "udp", "--dport", "9") == 50
+    run(lab, "fw1", ["conntrack", "-D", "-p", "udp", "--dport", "9"])
+    assert wait_count(lab, "fw2", 0, "-p", "udp", "--dport", "9") == 0
+
+
+def test_resync_after_backup_restart(synced):
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    # entries made while the Backup's daemon is down reach it when it comes back
+    pid = lab.pids.pop("fw2")
+    lab.save()
+    stop_process(pid)
+    run(lab, "fw2", ["conntrack", "-F"], check=False)
+    for i in range(30):
+        run(lab, "fw1", ["conntrack", "-I", "-p", "tcp", "-s", "198.18.0.1", "-d", "198.19.0.1",
+                         "--sport", str(20000 + i), "--dport", "443", "--state", "ESTABLISHED",
+                         "-t", "600", "-u", "SEEN_REPLY,ASSURED"])
+    lab.pids["fw2"] = commands.start_hasync(lab, "fw2")
+    lab.save()
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    assert wait_count(lab, "fw2", 30, "-p", "tcp", "--dport", "443", timeout=15) == 30
+    # and an operator resync converges too
+    run(lab, "fw2", ["conntrack", "-D", "-p", "tcp", "--dport", "443"])
+    reply = nsctl.ask(lab, "fw1", "resync")
+    assert reply.get("ok"), reply
+    assert wait_count(lab, "fw2", 30, "-p", "tcp", "--dport", "443", timeout=15) == 30

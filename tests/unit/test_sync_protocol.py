@@ -1,0 +1,340 @@
+"""The sans-I/O replication cores: unit checks, then a Sender and a Receiver joined in memory
+by a lossy, reordering, duplicating link (hypothesis) that must converge."""
+
+import random
+import socket
+from dataclasses import dataclass
+
+from hypothesis import given, settings, strategies as st
+
+from statesync import wire
+from statesync.protocol import (
+    FLAG_SNAPSHOT, Apply, Purge, Receiver, RequestResync, Sender, SendAck, SendNack,
+)
+
+EV_NEW, EV_UPDATE, EV_DESTROY = 1, 2, 3
+V4 = socket.AF_INET
+
+
+@dataclass
+class Ev:
+    kind: int
+    family: int
+    key: bytes
+    attrs: bytes
+
+
+def new(key, attrs=b"a"):
+    return Ev(EV_NEW, V4, key, attrs)
+
+
+def gone(key):
+    return Ev(EV_DESTROY, V4, key, b"")
+
+
+def decoded(bufs):
+    return [wire.decode(b) for b in bufs]
+
+
+def data_records(frames):
+    return [r for f in frames if f.type == wire.DATA for r in f.payload]
+
+
+# -- Sender ---------------------------------------------------------------------------------
+
+
+def test_repeated_updates_coalesce_latest_wins():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_events([new(b"k1", b"v1"), Ev(EV_UPDATE, V4, b"k1", b"v2"), new(b"k2"), Ev(EV_UPDATE, V4, b"k1", b"v3")])
+    recs = data_records(decoded(s.next_frames(0.0)))
+    assert recs == [(wire.OP_UPSERT, V4, b"k1", b"v3"), (wire.OP_UPSERT, V4, b"k2", b"a")]
+    assert s.counters.events_coalesced == 2
+
+
+def test_delete_after_new_becomes_a_delete():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_events([new(b"k1"), gone(b"k1")])
+    assert data_records(decoded(s.next_frames(0.0))) == [(wire.OP_DELETE, V4, b"k1", b"")]
+
+
+def test_batches_respect_size_and_seq_increases():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_events(new(i.to_bytes(4, "big"), b"x" * 100) for i in range(100))
+    frames = decoded(s.next_frames(0.0, max_batch_bytes=1000))
+    assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+    assert len(frames) > 5
+    assert all(len(f.payload) <= 10 for f in frames)
+    assert len(data_records(frames)) == 100
+
+
+def test_window_applies_back_pressure_and_ack_releases_it():
+    s = Sender(destroy_kind=EV_DESTROY, window_frames=2)
+    s.on_events(new(bytes([i]), b"x" * 50) for i in range(10))
+    first = decoded(s.next_frames(0.0, max_batch_bytes=100))
+    assert [f.seq for f in first] == [1, 2]
+    assert s.pending  # the rest waits, nothing dropped
+    assert s.counters.window_full == 1
+    s.on_ack(2, 0.1)
+    assert not s.window
+    rest = decoded(s.next_frames(0.1, max_batch_bytes=100))
+    assert [f.seq for f in rest] == [3, 4]
+
+
+def test_ack_beyond_what_was_sent_is_ignored():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_events([new(b"k")])
+    s.next_frames(0.0)
+    s.on_ack(7, 0.0)
+    assert s.window and s.counters.acks_bogus == 1
+
+
+def test_nack_resends_from_window_go_back_n():
+    s = Sender(destroy_kind=EV_DESTROY)
+    for i in range(4):
+        s.on_events([new(bytes([i]))])
+        s.next_frames(float(i))
+    s.on_ack(1, 4.0)
+    s.on_nack(2, 3, 4.0)
+    again = decoded(s.next_frames(4.0))
+    assert [f.seq for f in again] == [2, 3, 4]
+    s.on_nack(2, 3, 4.01)  # the same NACK before our resend could land: not repeated
+    assert s.next_frames(4.01) == []
+    assert not s.resync_needed
+
+
+def test_nack_the_window_cannot_serve_starts_resync():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_nack(50, 60, 0.0)  # peer expects frames we never sent: we restarted
+    assert s.resync_needed
+
+
+def test_keepalive_when_idle_and_when_waiting_for_ack():
+    s = Sender(destroy_kind=EV_DESTROY, keepalive_interval=1.0, resend_timeout=0.2)
+    assert decoded(s.next_frames(0.0)) == [wire.Frame(wire.KEEPALIVE, 0)]
+    assert s.next_frames(0.5) == []
+    s.on_events([new(b"k")])
+    assert len(s.next_frames(0.6)) == 1
+    assert s.next_frames(0.7) == []
+    assert decoded(s.next_frames(0.81)) == [wire.Frame(wire.KEEPALIVE, 1)]
+
+
+def test_resync_live_events_win_over_snapshot():
+    s = Sender(destroy_kind=EV_DESTROY, max_batch_bytes=40)
+    snapshot = [(V4, bytes([i]), b"snap") for i in range(6)]
+    s.on_events([new(b"\x00", b"stale")])  # staged before: superseded by the snapshot
+    s.start_resync(snapshot)
+    s.on_events([new(b"\x03", b"live"), gone(b"\x04")])
+    frames = []
+    for t in range(10):
+        frames += decoded(s.next_frames(float(t)))
+    types = [f.type for f in frames if f.type != wire.KEEPALIVE]
+    assert types[0] == wire.RESYNC_BEGIN and types[-1] == wire.RESYNC_END
+    recs = data_records(frames)
+    by_key = {}
+    for op, _, key, attrs in recs:
+        assert key not in by_key  # one record per key
+        by_key[key] = (op, attrs)
+    assert by_key[b"\x03"] == (wire.OP_UPSERT, b"live")
+    assert by_key[b"\x04"] == (wire.OP_DELETE, b"")
+    assert by_key[b"\x00"] == (wire.OP_UPSERT, b"snap")
+    end = frames[-1] if frames[-1].type == wire.RESYNC_END else next(f for f in frames if f.type == wire.RESYNC_END)
+    assert end.payload == (1, 4)  # 6 snapshot records, 2 skipped for live ones
+    snap_frames = [f for f in frames if f.type == wire.DATA and f.flags & FLAG_SNAPSHOT]
+    assert sum(len(f.payload) for f in snap_frames) == 4
+
+
+# -- Receiver -------------------------------------------------------------------------------
+
+
+def stream(*frames):
+    return [wire.encode(f) for f in frames]
+
+
+def test_receiver_drops_stream_until_resync_and_asks_for_one():
+    r = Receiver()
+    acts = r.on_bytes(wire.encode(wire.data_frame(5, [(1, V4, b"k", b"a")])), 10.0)
+    assert acts == [RequestResync()]
+    assert r.counters.unsynced_dropped == 1
+    assert r.on_bytes(wire.encode(wire.data_frame(6, [(1, V4, b"k", b"a")])), 10.1) == []  # rate limited
+
+
+def test_receiver_full_resync_purges_what_the_snapshot_lacks():
+    r = Receiver()
+    acts = []
+    for buf in stream(
+        wire.Frame(wire.RESYNC_BEGIN, 7, 1),
+        wire.data_frame(8, [(1, V4, b"a", b"1"), (1, V4, b"b", b"1")], FLAG_SNAPSHOT),
+        wire.data_frame(9, [(2, V4, b"b", b"")]),
+        wire.Frame(wire.RESYNC_END, 10, (1, 2)),
+    ):
+        acts += r.on_bytes(buf, 0.0)
+    purge = [a for a in acts if isinstance(a, Purge)]
+    assert purge == [Purge(1, frozenset({b"a"}))]
+    assert acts[-1] == SendAck(10)
+    assert r.synced and r.counters.records_applied == 3
+
+
+def test_receiver_gap_nack_and_replay_dedup():
+    r = Receiver(ack_every=100)
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_END, 2, (1, 0))), 0.0)
+    d3 = wire.encode(wire.data_frame(3, [(1, V4, b"a", b"1")]))
+    d5 = wire.encode(wire.data_frame(5, [(1, V4, b"b", b"1")]))
+    assert isinstance(r.on_bytes(d3, 0.0)[0], Apply)
+    assert r.on_bytes(d5, 0.0) == [SendNack(4, 5)]
+    assert r.on_bytes(d5, 0.01) == []  # same gap again: no NACK storm
+    assert r.on_bytes(d5, 1.0) == [SendNack(4, 5)]  # ...until the retry time
+    assert r.counters.gaps == 1
+    assert r.on_bytes(d3, 1.0) == [SendAck(3)]  # a replay is dropped, re-acked
+    assert r.counters.replayed == 1 and r.counters.records_applied == 1
+    assert r.on_bytes(wire.encode(wire.Frame(wire.KEEPALIVE, 9)), 2.0) == [SendNack(4, 9)]
+
+
+def test_receiver_counts_garbage_and_refuses_a_wrong_resync_count():
+    r = Receiver()
+    assert r.on_bytes(b"\x93\x01\x02", 0.0) == []
+    assert r.counters.frames_dropped_malformed == 1
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
+    acts = r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_END, 2, (1, 5))), 0.0)
+    assert not any(isinstance(a, Purge) for a in acts)
+    assert RequestResync() in acts and r.counters.resync_count_mismatch == 1
+
+
+# -- Sender + Receiver joined by a bad link ---------------------------------------------------
+
+
+class Link:
+    """In-flight frames; each tick delivers some, in any order, maybe twice, maybe never."""
+
+    def __init__(self, rng, loss, dup, reorder):
+        self.rng, self.loss, self.dup, self.reorder = rng, loss, dup, reorder
+        self.queue = []
+
+    def send(self, buf):
+        if self.rng.random() < self.loss:
+            return
+        self.queue.append(buf)
+        if self.rng.random() < self.dup:
+            self.queue.append(buf)
+
+    def deliver(self, perfect=False):
+        out = []
+        while self.queue:
+            i = self.rng.randrange(len(self.queue)) if (not perfect and self.rng.random() < self.reorder) else 0
+            out.append(self.queue.pop(i))
+        return out
+
+
+class Pair:
+    """Master kernel table -> Sender ~~link~~> Receiver -> Backup table, as service.py wires them."""
+
+    def __init__(self, rng, loss=0.0, dup=0.0, reorder=0.0, backup_stale=()):
+        self.master = {}
+        self.backup = dict(backup_stale)
+        self.sender = Sender(destroy_kind=EV_DESTROY, window_frames=3, max_batch_bytes=24, resend_timeout=0.3)
+        self.receiver = Receiver(ack_every=2)
+        self.ab = Link(rng, loss, dup, reorder)
+        self.ba = Link(rng, loss, dup, reorder)
+        self.now = 0.0
+        for a in self.receiver.ask_resync(self.now):
+            self.ba.send(a.to_bytes())
+
+    def change(self, key, attrs):
+        if attrs is None:
+            if key in self.master:
+                del self.master[key]
+                self.sender.on_events([gone(key)])
+        else:
+            kind = EV_UPDATE if key in self.master else EV_NEW
+            self.master[key] = attrs
+            self.sender.on_events([Ev(kind, V4, key, attrs)])
+
+    def snapshot(self):
+        # a dump read into buffers ahead of its use: its records may be older than live events
+        return [(V4, key, attrs) for key, attrs in sorted(self.master.items())]
+
+    def tick(self, perfect=False):
+        self.now += 0.1
+        if self.sender.resync_needed:
+            self.sender.start_resync(self.snapshot())
+        for buf in self.sender.next_frames(self.now):
+            self.ab.send(buf)
+        for buf in self.ab.deliver(perfect):
+            for act in self.receiver.on_bytes(buf, self.now):
+                if isinstance(act, Apply):
+                    for op, _fam, key, attrs in act.records:
+                        if op == wire.OP_UPSERT:
+                            self.backup[key] = attrs
+                        else:
+                            self.backup.pop(key, None)
+                elif isinstance(act, Purge):
+                    for key in [k for k in self.backup if k not in act.keep]:
+                        del self.backup[key]
+                else:
+                    self.ba.send(act.to_bytes())
+        for buf in self.ba.deliver(perfect):
+            frame = wire.decode(buf)
+            if frame.type == wire.ACK:
+                self.sender.on_ack(frame.payload, self.now)
+            elif frame.type == wire.NACK:
+                self.sender.on_nack(*frame.payload, self.now)
+            elif frame.type == wire.RESYNC_REQ:
+                self.sender.start_resync(self.snapshot())
+
+    def settle(self, max_ticks=400):
+        for _ in range(max_ticks):
+            self.tick(perfect=True)
+            if self.sender.idle and self.receiver.synced and not self.ab.queue and not self.ba.queue:
+                return True
+        return False
+
+
+key_space = st.integers(0, 11).map(lambda i: bytes([i]))  # few keys: many updates of one entry
+changes = st.lists(
+    st.tuples(key_space, st.one_of(st.none(), st.binary(min_size=1, max_size=8))), min_size=20, max_size=150
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    changes=changes,
+    seed=st.integers(0, 2**32),
+    loss=st.sampled_from([0.0, 0.05, 0.3]),
+    dup=st.sampled_from([0.0, 0.1, 0.5]),
+    reorder=st.sampled_from([0.0, 0.2, 0.8]),
+    stale=st.dictionaries(key_space, st.just(b"stale"), max_size=6),
+    forced_resyncs=st.lists(st.integers(0, 120), max_size=3),
+)
+def test_lossy_link_converges(changes, seed, loss, dup, reorder, stale, forced_resyncs):
+    pair = Pair(random.Random(seed), loss, dup, reorder, backup_stale=stale)
+    for i, (key, attrs) in enumerate(changes):
+        pair.change(key, attrs)
+        if i in forced_resyncs:  # an operator resync or an overrun mid-stream
+            pair.sender.start_resync(pair.snapshot())
+        if i % 3 == 0:
+            pair.tick()
+    assert pair.settle(), "did not settle on a clean link"
+    assert pair.backup == pair.master
+
+
+def test_clean_link_needs_no_resends():
+    pair = Pair(random.Random(1))
+    for i in range(300):
+        pair.change(bytes([i % 50]), bytes([i % 7 + 1]))
+        pair.tick(perfect=True)
+    assert pair.settle()
+    assert pair.backup == pair.master
+    assert pair.sender.counters.frames_resent == 0 and pair.receiver.counters.gaps == 0
+    assert pair.receiver.counters.resyncs == 1  # the initial one
+
+
+def test_max_frames_bounds_one_call_without_losing_anything():
+    s = Sender(destroy_kind=EV_DESTROY)
+    s.on_events(new(i.to_bytes(4, "big"), b"x" * 100) for i in range(200))
+    first = decoded(s.next_frames(0.0, max_batch_bytes=1000, max_frames=3))
+    assert len(first) == 3 and s.has_work
+    rest = decoded(s.next_frames(0.0, max_batch_bytes=1000))
+    assert len(data_records(first + rest)) == 200 and not s.has_work
+    assert s.oldest_unacked_age(2.0) == 2.0
+    s.on_ack(s.seq, 2.0)
+    assert s.oldest_unacked_age(2.0) == 0.0 and s.idle
