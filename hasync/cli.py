@@ -170,6 +170,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_units(args: argparse.Namespace) -> int:
+    from hasync import units
+
+    path = Path(args.config or os.environ.get("HASYNC_CONFIG") or cfgmod.DEFAULT_CONFIG_PATH)
+    try:
+        written = units.install(Path(args.dest), config_path=path, executable=args.executable)
+    except cfgmod.ConfigError as exc:
+        print(f"hasync: invalid config {path}: {exc}", file=sys.stderr)
+        return 2
+    for file in written:
+        print(f"wrote {file}")
+    print("next: systemctl daemon-reload && systemctl enable --now hasync")
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from hasync.lab import commands
 
@@ -245,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", default="/etc/hasync")
     s.add_argument("--no-auth", action="store_true", help="do not write a new heartbeat key")
     s.set_defaults(func=cmd_keys)
+
+    s = sub.add_parser("install-units", help="install the systemd unit (and drop-ins for this config)")
+    s.add_argument("--dest", default="/etc/systemd/system", help="unit directory (default %(default)s)")
+    s.add_argument("--executable", help="the hasync command for ExecStart (default: this one)")
+    s.set_defaults(func=cmd_install_units)
 
     from hasync.lab.commands import add_parser as add_lab_parser
 

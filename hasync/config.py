@@ -42,6 +42,8 @@ DEFAULT_HEARTBEAT_PORT = 7609
 DEFAULT_SYNC_PORT = 7610
 DEFAULT_STATE_DIR = Path("/var/lib/hasync")
 DEFAULT_PRIORITY = {"master": 150, "backup": 100}
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # a firewall does not publish its internals by default
+LOG_FORMATS = ("journal", "json")
 
 AUTH_KEY_BYTES = 32  # what generate_auth_key() makes
 MIN_AUTH_KEY_BYTES = 16  # shorter HMAC keys are refused
@@ -135,6 +137,9 @@ class NodeConfig:
     notify_timeout_s: float = 10.0
     realtime_priority: int = 0  # SCHED_FIFO priority of the heartbeat process; 0 = normal
     state_dir: Path = DEFAULT_STATE_DIR
+    metrics_address: str = DEFAULT_METRICS_ADDRESS  # where the Prometheus endpoint listens
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    log_format: str = "journal"  # "journal" (syslog-prefixed lines) | "json" (one object per line)
     sync: SyncConfig = SyncConfig()
     path: Path | None = None  # the file it was read from
     # where each auth key came from (key id -> key file); save() writes these paths,
@@ -409,6 +414,10 @@ def _parse_node(t: _Table) -> dict[str, Any]:
         realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
         notify=t.strings("notify"),
         notify_timeout_s=t.number("notify_timeout_s", 10.0, lo=0.001),
+        metrics_address=str(_ip_address(t.field("metrics_address"),
+                                        t.string("metrics_address", DEFAULT_METRICS_ADDRESS))),
+        metrics_port=t.integer("metrics_port", 0, lo=0, hi=65535),
+        log_format=_choice(t.field("log_format"), t.string("log_format", "journal"), LOG_FORMATS),
     )
     t.done()
     return values
@@ -777,6 +786,9 @@ def to_toml_dict(cfg: NodeConfig) -> dict:
             "realtime_priority": cfg.realtime_priority,
             "notify": list(cfg.notify),
             "notify_timeout_s": float(cfg.notify_timeout_s),
+            "metrics_address": cfg.metrics_address,
+            "metrics_port": cfg.metrics_port,
+            "log_format": cfg.log_format,
         },
         "global": {"status": "enable" if cfg.enabled else "disable"},
         "security": {

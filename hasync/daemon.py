@@ -7,20 +7,55 @@ separate child process (statesync), so bulk replication never delays a heartbeat
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-import sys
 from pathlib import Path
+from typing import Any, Callable
 
+from failover.machine import INIT
 from hasync import config as cfgmod
+from hasync import logs
+from hasync.metrics import MetricsServer, TransitionCounter
+from hasync.sdnotify import Notifier
 
 log = logging.getLogger("hasync")
 
 
-def setup_logging(hostname: str, level: int = logging.INFO) -> None:
-    # under systemd the journal adds its own timestamp; keep lines short and greppable
-    fmt = f"%(asctime)s {hostname} %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(stream=sys.stderr, level=level, format=fmt, force=True)
+def setup_logging(hostname: str, fmt: str = "journal", level: int = logging.INFO) -> logging.Handler:
+    """The daemon's logging: see hasync.logs (journal prefixes or JSON, repeat limiter)."""
+    return logs.setup(hostname, fmt, level)
+
+
+class SystemdBridge:
+    """What the daemon tells systemd and the metrics about state changes.
+
+    Wraps the on_transition callback: counts transitions for the metrics, sends
+    READY=1 the first time the node leaves INIT (it joined the pair, or knows it is
+    alone), and keeps `systemctl status` showing the current state.
+    """
+
+    def __init__(self, notifier: Notifier, transitions: TransitionCounter,
+                 then: Callable[[Any], None] | None = None):
+        self.notifier = notifier
+        self.transitions = transitions
+        self.then = then
+        self.ready_sent = False
+
+    def on_transition(self, t: Any) -> None:
+        self.transitions.record(t.new, t.cause)
+        if t.new != INIT:
+            self.state_settled(t.new, t.cause)
+        if self.then is not None:
+            self.then(t)
+
+    def state_settled(self, state: str, cause: str = "") -> None:
+        text = f"{state} ({cause})" if cause else state
+        if not self.ready_sent:
+            self.ready_sent = True
+            self.notifier.ready(text)
+        else:
+            self.notifier.status(text)
 
 
 def set_realtime(priority: int) -> None:
@@ -36,26 +71,65 @@ def set_realtime(priority: int) -> None:
 def run(config_path: Path) -> int:
     from failover.service import FailoverService
 
+    notifier = Notifier.from_environ()  # unset: hooks and the sync child must not speak for us
     cfg = cfgmod.load(config_path)
-    setup_logging(cfg.hostname)
+    log_handler = setup_logging(cfg.hostname, cfg.log_format)
     from failover.vip import FloatingIPs
 
     floating = [ip for g in cfg.groups for ip in g.floating_ips]
     cfgmod.validate_against_system(cfg, FloatingIPs().system_view(exclude=floating))
     sync = None
-    if cfg.sync.enabled and cfg.group is not None:
-        from statesync.supervisor import SyncSupervisor
-
-        sync = SyncSupervisor(cfg)
-        sync.start()
-    set_realtime(cfg.realtime_priority)
-    service = FailoverService(cfg, sync=sync, on_transition=sync.on_transition if sync else None)
-    log.info("hasync %s started (group %s)", cfg.hostname,
-             cfg.group.id if cfg.group else "none")
+    metrics = None
     try:
+        if cfg.sync.enabled and cfg.group is not None:
+            from statesync.supervisor import SyncSupervisor
+
+            sync = SyncSupervisor(cfg)
+            sync.start()
+        transitions = TransitionCounter()
+        if cfg.metrics_port:
+            # before set_realtime: the HTTP thread must not inherit SCHED_FIFO
+            try:
+                metrics = MetricsServer(cfg.metrics_address, cfg.metrics_port, transitions=transitions)
+            except OSError as exc:  # failover matters more than its metrics: run without them
+                log.error("metrics endpoint %s:%d not started: %s", cfg.metrics_address,
+                          cfg.metrics_port, exc)
+        set_realtime(cfg.realtime_priority)
+        bridge = SystemdBridge(notifier, transitions, sync.on_transition if sync else None)
+        service = FailoverService(cfg, sync=sync, on_transition=bridge.on_transition,
+                                  **_loop_extras(FailoverService, notifier, metrics))
+        log.info("hasync %s started (group %s)", cfg.hostname,
+                 cfg.group.id if cfg.group else "none")
+        state = service.status().get("state")
+        if state != INIT:  # no group, or disabled: there is no pair to join first
+            bridge.state_settled(str(state))
         service.run()
     finally:
+        notifier.stopping()
+        if metrics is not None:
+            metrics.close()
         if sync is not None:
             sync.stop()
         log.info("hasync %s stopped", cfg.hostname)
+        logs.flush_suppressed(log_handler)
+        notifier.close()
     return 0
+
+
+def _loop_extras(service_class: type, notifier: Notifier, metrics: MetricsServer | None) -> dict[str, Any]:
+    """notifier= and metrics= for the failover loop, if its constructor takes them yet.
+
+    The loop pings the watchdog and publishes metrics snapshots on each turn (see the
+    ops report); until it takes these arguments they cannot be honoured, which is
+    said loudly because systemd's WatchdogSec= would then restart the daemon.
+    """
+    params = inspect.signature(service_class).parameters
+    extras: dict[str, Any] = {}
+    for name, value, needed in (("notifier", notifier, notifier.interval is not None),
+                                ("metrics", metrics, metrics is not None)):
+        if name in params:
+            extras[name] = value
+        elif needed:
+            log.error("this failover loop does not take %s=: %s will not work", name,
+                      "the systemd watchdog" if name == "notifier" else "metrics publishing")
+    return extras
