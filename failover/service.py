@@ -87,8 +87,11 @@ class GroupRunner:
 
 class FailoverService:
     def __init__(self, cfg: NodeConfig, *, sync: Any = None,
-                 on_transition: Callable[[Transition], None] | None = None):
+                 on_transition: Callable[[Transition], None] | None = None,
+                 notifier: Any = None, metrics: Any = None):
         self.cfg = cfg
+        self.notifier = notifier  # hasync.sdnotify.Notifier: systemd readiness and watchdog
+        self.metrics = metrics  # hasync.metrics.MetricsServer, or None when off
         self.sync = sync  # statesync control client, or None
         self.on_transition = on_transition
         self.sel = selectors.DefaultSelector()
@@ -172,6 +175,10 @@ class FailoverService:
                 if self._reload_requested:
                     self._reload_requested = False
                     self._reload_from_file()
+                if self.notifier is not None:
+                    self.notifier.watchdog_ping(now)  # from this loop: a hung loop gets restarted
+                if self.metrics is not None:
+                    self.metrics.maybe_publish(now, self.status)
                 r = self.runner
                 if r is not None:
                     self._check_silent_paths(r, now)

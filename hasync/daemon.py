@@ -7,7 +7,6 @@ separate child process (statesync), so bulk replication never delays a heartbeat
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -97,7 +96,7 @@ def run(config_path: Path) -> int:
         set_realtime(cfg.realtime_priority)
         bridge = SystemdBridge(notifier, transitions, sync.on_transition if sync else None)
         service = FailoverService(cfg, sync=sync, on_transition=bridge.on_transition,
-                                  **_loop_extras(FailoverService, notifier, metrics))
+                                  notifier=notifier, metrics=metrics)
         log.info("hasync %s started (group %s)", cfg.hostname,
                  cfg.group.id if cfg.group else "none")
         state = service.status().get("state")
@@ -114,22 +113,3 @@ def run(config_path: Path) -> int:
         logs.flush_suppressed(log_handler)
         notifier.close()
     return 0
-
-
-def _loop_extras(service_class: type, notifier: Notifier, metrics: MetricsServer | None) -> dict[str, Any]:
-    """notifier= and metrics= for the failover loop, if its constructor takes them yet.
-
-    The loop pings the watchdog and publishes metrics snapshots on each turn (see the
-    ops report); until it takes these arguments they cannot be honoured, which is
-    said loudly because systemd's WatchdogSec= would then restart the daemon.
-    """
-    params = inspect.signature(service_class).parameters
-    extras: dict[str, Any] = {}
-    for name, value, needed in (("notifier", notifier, notifier.interval is not None),
-                                ("metrics", metrics, metrics is not None)):
-        if name in params:
-            extras[name] = value
-        elif needed:
-            log.error("this failover loop does not take %s=: %s will not work", name,
-                      "the systemd watchdog" if name == "notifier" else "metrics publishing")
-    return extras
