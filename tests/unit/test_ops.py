@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from hasync import sdnotify
-from hasync.daemon import SystemdBridge, _loop_extras
+from hasync.daemon import SystemdBridge
 from hasync.metrics import TransitionCounter
 from hasync.sdnotify import Notifier, watchdog_interval
 
@@ -191,19 +191,6 @@ def test_bridge_ready_without_a_pair_to_join():
     bridge.state_settled("NO GROUP")
     bridge.state_settled("DISABLED", "disabled by operator")
     assert notifier.calls == [("ready", "NO GROUP"), ("status", "DISABLED (disabled by operator)")]
-
-
-def test_loop_extras_only_passes_what_the_loop_takes():
-    class Old:
-        def __init__(self, cfg, *, sync=None, on_transition=None): ...
-
-    class New:
-        def __init__(self, cfg, *, sync=None, on_transition=None, notifier=None, metrics=None): ...
-
-    n = Notifier(None, None)
-    metrics = object()
-    assert _loop_extras(Old, n, metrics) == {}  # type: ignore[arg-type]
-    assert _loop_extras(New, n, metrics) == {"notifier": n, "metrics": metrics}  # type: ignore[arg-type]
 
 
 # ---- the daemon under a fake systemd, in a namespace of its own --------------------------------
