@@ -85,6 +85,10 @@ class FailoverMachine:
         self.timing = timing
         self.monitored = monitored
         self.path_count = path_count  # heartbeat paths (HA link + monitored interfaces)
+        # set by the shell: our conntrack table holds the Master's (sync resynced). A node
+        # that just came back must not take the role from a live Master before that, or
+        # the sessions it takes over have no state (keepalived #2254).
+        self.state_ready = True
         self.enabled = enabled
         self.state = DISABLED if not enabled else INIT
         self.cause = "start"
@@ -289,7 +293,7 @@ class FailoverMachine:
         # only once the peer is heard on every path: a link that just came back may not
         # pass frames yet (a switch port waits for its own delayed link event)
         all_paths = len(self.peer.paths_alive(now, t.dead_interval)) >= self.path_count
-        wants = (t.preempt != "off" and not self.yielded and all_paths
+        wants = (t.preempt != "off" and not self.yielded and all_paths and self.state_ready
                  and self.priority > self.peer.priority and not self.takeover_requested)
         if not wants:
             self._preempt_at = NEVER

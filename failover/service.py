@@ -181,6 +181,7 @@ class FailoverService:
                     self.metrics.maybe_publish(now, self.status)
                 r = self.runner
                 if r is not None:
+                    r.machine.state_ready = self.sync is None or self.sync.ready()
                     self._check_silent_paths(r, now)
                     self._execute(r.machine.on_timer(now), now)
                     timeout = max(0.0, r.machine.next_deadline() - time.monotonic())

@@ -155,6 +155,8 @@ class SyncService:
             problems.append(f"{self.overruns} event overruns (healed by resync)")
         return {
             "connected": ch.connected,
+            # a Backup holds the Master's whole table (a resync finished since it connected)
+            "synced": ch.connected and (self.role == "master" or self.receiver.synced),
             "peer": ch.peer.hostname if ch.peer else None,
             "refused_reason": ch.refused_reason,
             "last_refusal": ch.last_refusal,

@@ -150,5 +150,10 @@ class SyncSupervisor:
             return ["state sync: not connected to the peer"]
         return [f"state sync: {e}" for e in s.get("problems", [])]
 
+    def ready(self) -> bool:
+        """May this node take the Master role from a live peer: is its table complete?"""
+        s = self._status
+        return bool(s and s.get("synced"))
+
     def resync(self, config: bool = False) -> dict[str, Any]:
         return self._ask("resync", timeout=5.0, config=config)

@@ -155,17 +155,48 @@ def gaps_between(report: dict[str, Any], start_wall: float, end_wall: float) -> 
 # ---- the demo -------------------------------------------------------------------------
 
 
-def demo(name: str = "lab", keep: bool = False, out=print) -> dict[str, Any]:
+def start_sessions(lab: Lab, out: Path, count: int) -> None:
+    """A TCP echo server on the server, `count` long-lived sessions from the client."""
+    ready = Path(lab.workdir) / "sessions-server.ready"
+    lab.pids["sessions-server"] = start_process(
+        lab, "server", [sys.executable, "-m", "hasync.lab.sessions", "server", "--port",
+                        str(SESSIONS_PORT), "--ready-file", str(ready)], "sessions-server")
+    _wait_file(ready, 10)
+    client_ready = Path(lab.workdir) / "sessions-client.ready"
+    lab.pids["sessions-client"] = start_process(
+        lab, "client", [sys.executable, "-m", "hasync.lab.sessions", "client", "--target",
+                        lab.addresses["server"]["eth0"].split("/")[0], "--port", str(SESSIONS_PORT),
+                        "--count", str(count), "--interval-ms", "100", "--out", str(out),
+                        "--ready-file", str(client_ready)], "sessions-client")
+    lab.save()
+    _wait_file(client_ready, 30)
+
+
+def stop_sessions(lab: Lab, out: Path) -> dict[str, Any]:
+    for name in ("sessions-client", "sessions-server"):
+        pid = lab.pids.pop(name, None)
+        if pid:
+            stop_process(pid, timeout=10.0)
+    lab.save()
+    _wait_file(out, 10)
+    return json.loads(out.read_text())
+
+
+def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) -> dict[str, Any]:
     fresh = name not in list_labs()
-    lab = up(name) if fresh else load(name)
+    lab = up(name, sync_enabled=True) if fresh else load(name)
     figures: dict[str, Any] = {}
     try:
         probe_out = Path(lab.workdir) / "demo-probe.json"
         probe_out.unlink(missing_ok=True)
-        out(f"lab {lab.name}: fw1 and fw2 up; roles {states(lab)}")
+        sessions_out = Path(lab.workdir) / "demo-sessions.json"
+        sessions_out.unlink(missing_ok=True)
+        out(f"lab {lab.name}: fw1 and fw2 up, state sync on; roles {states(lab)}")
         start_probe(lab, probe_out)
         out("client probing the server through both floating IPs every 2 ms")
-        time.sleep(1.0)
+        start_sessions(lab, sessions_out, sessions)
+        out(f"{sessions} TCP sessions open from client to server through fw1's SNAT")
+        time.sleep(1.5)  # let every session's conntrack entry reach the Backup
 
         t0 = time.time()
         out("crashing the Master (fw1): daemon SIGKILLed, its links dead")
@@ -174,6 +205,10 @@ def demo(name: str = "lab", keep: bool = False, out=print) -> dict[str, Any]:
         time.sleep(1.0)
         t1 = time.time()
         out(f"fw2 took over: {nsctl.try_status(lab, 'fw2').get('cause')}")
+        held = stop_sessions(lab, sessions_out)
+        out(f"TCP sessions through NAT that carried on through the crash: "
+            f"{held['sessions_ok']}/{held['established']} (resets {held['sessions_reset']}, "
+            f"longest stall {held['max_stall_ms']:.0f} ms)")
 
         out("restoring fw1 (it reboots and preempts back)")
         faults.restore(lab, "fw1")
@@ -197,6 +232,10 @@ def demo(name: str = "lab", keep: bool = False, out=print) -> dict[str, Any]:
             "switchover_gap_ms": gaps_between(report, t2, t3),
             "probes_sent": report["sent"],
             "probes_lost": report["lost"],
+            "sessions": held["established"],
+            "sessions_survived": held["sessions_ok"],
+            "sessions_reset": held["sessions_reset"],
+            "max_session_stall_ms": held["max_stall_ms"],
         }
         out("")
         out(f"{'event':<28}{'client-visible gap':>20}")
@@ -240,6 +279,7 @@ def add_parser(sub: Any, func: Callable) -> None:
     s.add_argument("node", choices=FIREWALLS)
     s = lsub.add_parser("demo", help="traffic, a Master crash, failback, switchover: the figures")
     s.add_argument("--name", default="demo")
+    s.add_argument("--sessions", type=int, default=200, help="long-lived TCP sessions to carry")
     s.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     lab.set_defaults(func=func)
 
@@ -256,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"lab {args.name} is down")
         return 0
     if cmd == "demo":
-        demo(args.name, keep=args.keep)
+        demo(args.name, keep=args.keep, sessions=args.sessions)
         return 0
     lab = load(args.name)
     if cmd == "status":

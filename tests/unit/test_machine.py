@@ -339,3 +339,17 @@ def test_converges_to_exactly_one_master(events, prio_b):
         assert sim.vip_holders() == masters
     for n in alive:
         assert sim.nodes[n].machine.state in (MASTER, BACKUP)
+
+
+def test_no_preemption_before_the_state_is_in():
+    m = machine(priority=200)
+    m.state_ready = False
+    m.start(0.0, UP)
+    for i in range(1, 30):
+        m.on_advert(peer_advert(MASTER, counter=i, priority=100), i * 0.01)
+        m.on_timer(i * 0.01)
+    assert m.state == BACKUP and not m.takeover_requested
+    m.state_ready = True
+    m.on_advert(peer_advert(MASTER, counter=31, priority=100), 0.31)
+    m.on_timer(0.31)
+    assert m.takeover_requested
