@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import zmq.auth
-
 from hasync.config import generate_auth_key, write_key_file
+from statesync import keys as curve_keys
 
 
 def generate_node_keys(directory: Path, shared_auth_key: bool = True) -> dict[str, str]:
@@ -22,9 +20,7 @@ def generate_node_keys(directory: Path, shared_auth_key: bool = True) -> dict[st
     if shared_auth_key:
         out["heartbeat key (copy to the peer)"] = str(
             write_key_file(directory / "auth-1.key", generate_auth_key()))
-    public_file, secret_file = zmq.auth.create_certificates(str(directory), "curve")
-    os.chmod(secret_file, 0o600)
-    public, _ = zmq.auth.load_certificate(public_file)
-    out["CURVE secret key"] = secret_file
-    out["CURVE public key (the peer's sync.peer_public_key)"] = public.decode()
+    public_file, secret_file = curve_keys.generate(directory)
+    out["CURVE secret key"] = str(secret_file)
+    out["CURVE public key (the peer's sync.peer_public_key)"] = curve_keys.load_public(public_file).decode()
     return out
