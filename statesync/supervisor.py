@@ -109,6 +109,9 @@ class SyncSupervisor:
                 return
             req, done = item
             cmd, args = req["cmd"], {k: v for k, v in req.items() if k != "cmd"}
+            if cmd == "role":
+                # always the newest role: a retried older request must never win over it
+                args["role"] = self._role
             reply = self._ask(cmd, timeout=COMMIT_WAIT_S, **args)
             if cmd == "role" and not reply.get("ok"):
                 # the child may still be starting: keep the role for its next answer
