@@ -110,31 +110,41 @@ def lab_status(lab: Lab) -> dict[str, Any]:
 # ---- traffic ------------------------------------------------------------------------
 
 
+def _start_ready(lab: Lab, node: str, name: str, argv: list[str], timeout: float) -> None:
+    """Start a traffic process in `node`, record it for teardown, wait for its ready file."""
+    ready = Path(lab.workdir) / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    lab.pids[name] = start_process(lab, node, [*argv, "--ready-file", str(ready)], name)
+    lab.save()
+    _wait_file(ready, timeout)
+
+
+def _stop_report(lab: Lab, names: tuple[str, ...], out: Path, timeout: float) -> dict[str, Any]:
+    """Stop traffic processes (client first, so it writes its report) and read the report."""
+    for name in names:
+        pid = lab.pids.pop(name, None)
+        if pid:
+            stop_process(pid, timeout=timeout)
+    lab.save()
+    _wait_file(out, 10)
+    return json.loads(out.read_text())
+
+
+def _server_ip(lab: Lab) -> str:
+    return lab.addresses["server"]["eth0"].split("/")[0]
+
+
 def start_probe(lab: Lab, out: Path, interval_ms: float = 2.0) -> None:
     """UDP echo on the server, a prober on the client, both recorded for teardown."""
-    ready = Path(lab.workdir) / "echo.ready"
-    lab.pids["server-echo"] = start_process(
-        lab, "server", [sys.executable, "-m", "hasync.lab.probe", "echo", "--bind", "0.0.0.0",
-                        "--port", str(PROBE_PORT), "--ready-file", str(ready)], "echo")
-    _wait_file(ready, 10)
-    probe_ready = Path(lab.workdir) / "probe.ready"
-    lab.pids["client-probe"] = start_process(
-        lab, "client", [sys.executable, "-m", "hasync.lab.probe", "udp", "--target",
-                        lab.addresses["server"]["eth0"].split("/")[0], "--port", str(PROBE_PORT),
-                        "--interval-ms", str(interval_ms), "--out", str(out),
-                        "--ready-file", str(probe_ready)], "probe")
-    lab.save()
-    _wait_file(probe_ready, 10)
+    _start_ready(lab, "server", "server-echo", [sys.executable, "-m", "hasync.lab.probe", "echo",
+                                                "--bind", "0.0.0.0", "--port", str(PROBE_PORT)], 10)
+    _start_ready(lab, "client", "client-probe", [
+        sys.executable, "-m", "hasync.lab.probe", "udp", "--target", _server_ip(lab),
+        "--port", str(PROBE_PORT), "--interval-ms", str(interval_ms), "--out", str(out)], 10)
 
 
 def stop_probe(lab: Lab, out: Path) -> dict[str, Any]:
-    for name in ("client-probe", "server-echo"):
-        pid = lab.pids.pop(name, None)
-        if pid:
-            stop_process(pid, timeout=5.0)
-    lab.save()
-    _wait_file(out, 5)
-    return json.loads(out.read_text())
+    return _stop_report(lab, ("client-probe", "server-echo"), out, 5.0)
 
 
 def _wait_file(path: Path, timeout: float) -> None:
@@ -157,29 +167,16 @@ def gaps_between(report: dict[str, Any], start_wall: float, end_wall: float) -> 
 
 def start_sessions(lab: Lab, out: Path, count: int) -> None:
     """A TCP echo server on the server, `count` long-lived sessions from the client."""
-    ready = Path(lab.workdir) / "sessions-server.ready"
-    lab.pids["sessions-server"] = start_process(
-        lab, "server", [sys.executable, "-m", "hasync.lab.sessions", "server", "--port",
-                        str(SESSIONS_PORT), "--ready-file", str(ready)], "sessions-server")
-    _wait_file(ready, 10)
-    client_ready = Path(lab.workdir) / "sessions-client.ready"
-    lab.pids["sessions-client"] = start_process(
-        lab, "client", [sys.executable, "-m", "hasync.lab.sessions", "client", "--target",
-                        lab.addresses["server"]["eth0"].split("/")[0], "--port", str(SESSIONS_PORT),
-                        "--count", str(count), "--interval-ms", "100", "--out", str(out),
-                        "--ready-file", str(client_ready)], "sessions-client")
-    lab.save()
-    _wait_file(client_ready, 30)
+    _start_ready(lab, "server", "sessions-server", [sys.executable, "-m", "hasync.lab.sessions",
+                                                    "server", "--port", str(SESSIONS_PORT)], 10)
+    _start_ready(lab, "client", "sessions-client", [
+        sys.executable, "-m", "hasync.lab.sessions", "client", "--target", _server_ip(lab),
+        "--port", str(SESSIONS_PORT), "--count", str(count), "--interval-ms", "100",
+        "--out", str(out)], 30)
 
 
 def stop_sessions(lab: Lab, out: Path) -> dict[str, Any]:
-    for name in ("sessions-client", "sessions-server"):
-        pid = lab.pids.pop(name, None)
-        if pid:
-            stop_process(pid, timeout=10.0)
-    lab.save()
-    _wait_file(out, 10)
-    return json.loads(out.read_text())
+    return _stop_report(lab, ("sessions-client", "sessions-server"), out, 10.0)
 
 
 def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) -> dict[str, Any]:
