@@ -308,6 +308,24 @@ class CtSocket:
 
         return self.send_batched(messages())
 
+    def reseat_tcp(self, batch: int = 5000) -> int:
+        """Delete and re-create every TCP entry from its own dump; returns how many.
+
+        A node that forwarded as Master has learned each session's sequence windows; once it
+        is Backup they go stale while the new Master's traffic moves on, and on the next
+        takeover its kernel would drop the sessions' packets as INVALID (tcp_loose=0; seen
+        in the lab after a failback then a switchover). ctnetlink cannot reset the window
+        state of an existing entry, but an entry it creates starts with none and picks the
+        windows up from the first packet, as on a fresh takeover.
+        """
+        entries = [(ev.family, ev.key, ev.attrs) for ev in self.dump()
+                   if tuple_info(ev.key)[0] == socket.IPPROTO_TCP]
+        for i in range(0, len(entries), batch):
+            chunk = entries[i:i + batch]
+            self.delete([key for _, key, _ in chunk])
+            self.apply([(family, attrs) for family, _, attrs in chunk])
+        return len(entries)
+
     def send_batched(self, messages: Iterable[bytes], failures: list | None = None) -> ApplyResult:
         """Send prepared requests, ~256 KiB per send(); count error replies by errno.
 

@@ -122,7 +122,11 @@ class SyncService:
             self.receiver.reset()
             self._unsynced_since = None
         else:
+            was_master = self.role == "master"
             self._stop_master()
+            if was_master:
+                # our sequence windows are stale from now on: see CtSocket.reseat_tcp
+                log.info("re-seated %d TCP entries for the Backup role", self.ct.reseat_tcp())
             self.receiver.reset()
             self._unsynced_since = now
             if self.channel.connected:

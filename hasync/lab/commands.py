@@ -202,10 +202,6 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
         time.sleep(1.0)
         t1 = time.time()
         out(f"fw2 took over: {nsctl.try_status(lab, 'fw2').get('cause')}")
-        held = stop_sessions(lab, sessions_out)
-        out(f"TCP sessions through NAT that carried on through the crash: "
-            f"{held['sessions_ok']}/{held['established']} (resets {held['sessions_reset']}, "
-            f"longest stall {held['max_stall_ms']:.0f} ms)")
 
         out("restoring fw1 (it reboots and preempts back)")
         faults.restore(lab, "fw1")
@@ -223,6 +219,7 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
         time.sleep(0.5)
 
         report = stop_probe(lab, probe_out)
+        held = stop_sessions(lab, sessions_out)
         figures = {
             "crash_gap_ms": gaps_between(report, t0, t1),
             "failback_gap_ms": gaps_between(report, t1, t2),
@@ -239,6 +236,9 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
         out(f"{'Master crash -> Backup':<28}{figures['crash_gap_ms']:>17.1f} ms")
         out(f"{'failback (preemption)':<28}{figures['failback_gap_ms']:>17.1f} ms")
         out(f"{'graceful switchover':<28}{figures['switchover_gap_ms']:>17.1f} ms")
+        out(f"TCP sessions through NAT that carried on through crash, failback and two switchovers: "
+            f"{held['sessions_ok']}/{held['established']} (resets {held['sessions_reset']}, "
+            f"longest stall {held['max_stall_ms']:.0f} ms)")
         out(f"probes: {report['sent']} sent, {report['lost']} lost "
             f"(one every 2 ms; a gap below 6 ms is not an outage)")
     finally:

@@ -79,8 +79,8 @@ def wait_count(lab, fw: str, expected: int, *args: str, timeout: float = 10.0) -
     return n
 
 
-def sessions_through_crash(lab, count: int = SESSIONS) -> dict:
-    """`count` TCP sessions via fw1's SNAT, fw1 crashes, 3 s of traffic via fw2."""
+def sessions_through_crash(lab, count: int = SESSIONS, then=None) -> dict:
+    """`count` TCP sessions via fw1's SNAT, fw1 crashes, 3 s of traffic via fw2 (then `then(lab)`)."""
     out = Path(lab.workdir) / f"sessions-{secrets.token_hex(3)}.json"
     ready = out.with_suffix(".ready")
     pid = start_process(lab, "client", [
@@ -97,6 +97,8 @@ def sessions_through_crash(lab, count: int = SESSIONS) -> dict:
         faults.fail(lab, "fw1", "crash")
         commands.wait_until(lab, lambda s: s["fw2"] == "MASTER", 10)
         time.sleep(3.0)
+        if then is not None:
+            then(lab)
     finally:
         stop_process(pid, timeout=10)
         lab.pids.pop("sessions-client", None)
@@ -177,3 +179,30 @@ def test_resync_after_backup_restart(synced):
     reply = nsctl.ask(lab, "fw1", "resync")
     assert reply.get("ok"), reply
     assert wait_count(lab, "fw2", 30, "-p", "tcp", "--dport", "443", timeout=15) == 30
+
+
+def _failback_and_switchovers(lab) -> None:
+    faults.restore(lab, "fw1")
+    commands.wait_until(lab, lambda s: s == STEADY, 20)  # preempts once its table is resynced
+    time.sleep(1.5)
+    for fw, expected in (("fw1", {"fw1": "BACKUP", "fw2": "MASTER"}), ("fw2", STEADY)):
+        assert nsctl.ask(lab, fw, "switchover")["ok"]
+        commands.wait_until(lab, lambda s: s == expected, 10)
+        time.sleep(1.5)
+
+
+def test_sessions_survive_failback_and_switchovers(synced):
+    """A node that was Master and became Backup must not keep stale TCP windows: the
+    sessions go crash -> failback -> switchover -> switchover without a reset or stall."""
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    wait_sync_connected(lab)
+    run(lab, "fw1", ["conntrack", "-D", "-p", "tcp", "--dport", "7001"], check=False)  # earlier tests'
+    assert wait_count(lab, "fw2", 0, "-p", "tcp", "--dport", "7001") == 0
+    report = sessions_through_crash(lab, count=50, then=_failback_and_switchovers)
+    assert report["established"] == 50
+    assert report["sessions_reset"] == 0
+    assert report["sessions_stalled"] == 0, report["max_stall_ms"]
+    for fw in ("fw1", "fw2"):
+        counters = run(lab, fw, ["nft", "list", "counter", "inet", "hasync_lab", "invalid_dropped"]).stdout
+        assert "packets 0 " in counters, (fw, counters)
