@@ -35,6 +35,8 @@ MAX_ADVERT = 512
 FLAG_RESIGN = 0x01  # sender is leaving MASTER now: take over without waiting for the dead timer
 FLAG_SHUTDOWN = 0x02  # sender's daemon is stopping
 FLAG_TAKEOVER_REQ = 0x04  # sender (a Backup) asks the Master to hand over (switchover, preemption)
+FLAG_YIELD = 0x08  # sender will not lead by itself (it handed over)
+FLAG_STATE_READY = 0x10  # sender's conntrack table holds the Master's: a hand-over to it keeps sessions
 
 # states on the wire
 STATES = ("INIT", "BACKUP", "MASTER", "FAULT", "DISABLED")

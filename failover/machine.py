@@ -35,7 +35,7 @@ from failover.actions import (
 INIT, BACKUP, MASTER, FAULT, DISABLED, STOPPED = (
     "INIT", "BACKUP", "MASTER", "FAULT", "DISABLED", "STOPPED",
 )
-FLAG_YIELD = 0x08  # on the wire: this node will not lead by itself (it handed over)
+FLAG_YIELD = wire.FLAG_YIELD
 NEVER = float("inf")
 
 
@@ -206,11 +206,15 @@ class FailoverMachine:
         if self.state == MASTER:
             if not peer_ok:
                 return False, "no eligible peer: the peer is not a live Backup", []
+            if not self.peer.flags & wire.FLAG_STATE_READY:
+                return False, "the peer's state table is not in sync yet: its sessions would break", []
             self.yielded = True
             return True, "handing over to the peer", self._resign(now)
         if self.state == BACKUP:
             if not (self.peer.alive(now, self.timing.dead_interval) and self.peer.state == MASTER):
                 return False, "no live Master to take over from", []
+            if not self.state_ready:
+                return False, "this node's state table is not in sync yet: its sessions would break", []
             self.yielded = False
             self.takeover_requested = True
             return True, "asking the Master to hand over", [SendAdvert()]
@@ -235,6 +239,8 @@ class FailoverMachine:
             flags |= wire.FLAG_TAKEOVER_REQ
         if self.yielded:
             flags |= FLAG_YIELD
+        if self.state_ready:
+            flags |= wire.FLAG_STATE_READY
         return flags
 
     def wire_state(self) -> str:
@@ -261,7 +267,8 @@ class FailoverMachine:
                 # split healed and we stay: make every neighbour point at us again
                 self._schedule_garp(now)
                 return [Announce(), SendAdvert()]
-            if peer.flags & wire.FLAG_TAKEOVER_REQ and peer.state == BACKUP and not self.resigning:
+            if (peer.flags & wire.FLAG_TAKEOVER_REQ and peer.flags & wire.FLAG_STATE_READY
+                    and peer.state == BACKUP and not self.resigning):
                 self.yielded = True
                 return self._resign(now)
             return []

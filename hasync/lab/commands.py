@@ -162,6 +162,18 @@ def gaps_between(report: dict[str, Any], start_wall: float, end_wall: float) -> 
     return max(gaps, default=0.0)
 
 
+def switchover(lab: Lab, node: str, timeout: float = 15.0) -> dict[str, Any]:
+    """Ask `node` for a switchover; while the Backup's table is still resyncing the daemon
+    refuses (its sessions would break), so ask again until it is accepted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = nsctl.ask(lab, node, "switchover")
+        if reply.get("ok") or "not in sync" not in reply.get("error", "") \
+                or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+
 # ---- the demo -------------------------------------------------------------------------
 
 
@@ -210,11 +222,11 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
         t2 = time.time()
 
         out("graceful switchover to fw2")
-        nsctl.ask(lab, "fw1", "switchover")
+        switchover(lab, "fw1")
         wait_until(lab, lambda s: s["fw2"] == "MASTER", 10)
         time.sleep(1.0)
         t3 = time.time()
-        nsctl.ask(lab, "fw2", "switchover")
+        switchover(lab, "fw2")
         wait_until(lab, lambda s: s["fw1"] == "MASTER", 10)
         time.sleep(0.5)
 

@@ -353,3 +353,26 @@ def test_no_preemption_before_the_state_is_in():
     m.on_advert(peer_advert(MASTER, counter=31, priority=100), 0.31)
     m.on_timer(0.31)
     assert m.takeover_requested
+
+
+def test_switchover_refused_while_the_peer_is_not_in_sync():
+    m = machine()
+    m.start(0.0, UP)
+    m.on_advert(peer_advert(BACKUP), 0.001)  # a Backup whose table is still resyncing
+    assert m.state == MASTER
+    ok, message, actions = m.switchover(0.002)
+    assert not ok and "not in sync" in message and actions == []
+    m.on_advert(peer_advert(BACKUP, counter=2, flags=wire.FLAG_STATE_READY), 0.003)
+    ok, _, actions = m.switchover(0.004)
+    assert ok and m.resigning
+
+
+def test_takeover_request_ignored_from_an_unsynced_peer():
+    m = machine()
+    m.start(0.0, UP)
+    m.on_advert(peer_advert(BACKUP), 0.001)
+    m.on_advert(peer_advert(BACKUP, counter=2, flags=wire.FLAG_TAKEOVER_REQ), 0.002)
+    assert not m.resigning
+    m.on_advert(peer_advert(BACKUP, counter=3,
+                           flags=wire.FLAG_TAKEOVER_REQ | wire.FLAG_STATE_READY), 0.003)
+    assert m.resigning
