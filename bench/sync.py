@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="hasync,conntrackd")
     p.add_argument("--heartbeat-ms", type=int, default=None,
                    help="the labs' heartbeat interval (default: the lab's 5 ms, dead after 3)")
+    p.add_argument("--realtime-priority", type=int, default=0,
+                   help="SCHED_FIFO priority of the hasync failover processes (0: normal)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -341,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
 
     overrides = {} if args.heartbeat_ms is None else {"heartbeat_interval_ms": args.heartbeat_ms}
-    makers: dict[str, Callable[[], Any]] = {"hasync": lambda: HasyncBench(say, **overrides)}
+    hasync_overrides = dict(overrides)
+    if args.realtime_priority:
+        hasync_overrides["realtime_priority"] = args.realtime_priority
+    makers: dict[str, Callable[[], Any]] = {"hasync": lambda: HasyncBench(say, **hasync_overrides)}
     if "conntrackd" in systems:
         try:
             from bench.conntrackd import ConntrackdBench

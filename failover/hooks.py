@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from typing import Callable, Mapping, Sequence
+from hasync.sched import normal_class_argv
 
 # variables every hook can rely on (empty when the caller does not know one)
 HOOK_VARIABLES = ("HASYNC_STATE", "HASYNC_OLD_STATE", "HASYNC_CAUSE", "HASYNC_GROUP", "HASYNC_FLOATING_IPS")
@@ -112,7 +113,7 @@ class HookRunner:
             started = time.monotonic()
             try:
                 process = subprocess.Popen(
-                    argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    normal_class_argv(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=stderr, start_new_session=True, close_fds=True,
                 )
             except OSError as err:

@@ -151,6 +151,15 @@ class FailoverMachine:
             return out
         return []
 
+    def on_stall(self, seconds: float, now: float) -> None:
+        """This node was not running for `seconds`: the peer's silence over that time proves
+        nothing, so its last-heard times move forward by it (never past now)."""
+        seen = self.peer.last_seen
+        for path in seen:
+            seen[path] = min(now, seen[path] + seconds)
+        if self._init_deadline != NEVER:
+            self._init_deadline += seconds
+
     def on_timer(self, now: float) -> list[Action]:
         out: list[Action] = []
         if self.state in (INIT, BACKUP) and not self.peer.alive(now, self.timing.dead_interval):

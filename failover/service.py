@@ -66,8 +66,14 @@ class GroupRunner:
         self.carrier_lost: set[str] = set()  # seen by a direct carrier read before the event
         self.carrier_checked: dict[str, float] = {}
         self.counter = wire.Counter()
+        self.last_send = 0.0
+        self.max_send_gap = 0.0  # longest time between two adverts sent, since the last status
         self.replay = wire.ReplayWindow()
         self.started = now
+
+    def take_max_send_gap_ms(self) -> float:
+        gap, self.max_send_gap = self.max_send_gap, 0.0
+        return round(gap * 1000, 2)
 
     @property
     def link_up(self) -> dict[str, bool]:
@@ -100,6 +106,8 @@ class FailoverService:
         self.hooks = HookRunner(cfg.notify, cfg.notify_timeout_s, log.info)
         self.dropped: Counter[str] = Counter()
         self.received = 0
+        self.stalls = 0  # loop turns that woke late by more than half an interval
+        self.longest_stall = 0.0
         self.history: list[dict[str, Any]] = []  # recent transitions, newest last
         self.runner: GroupRunner | None = None
         self.control = ControlServer(cfg.control_socket, self.handle_request)
@@ -166,8 +174,11 @@ class FailoverService:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
+        expected_wake = time.monotonic()
         try:
             while True:
+                now = time.monotonic()
+                self._after_stall(now - expected_wake)
                 now = time.monotonic()
                 if self._stop_requested:
                     if self._shutdown_step(now):
@@ -187,10 +198,26 @@ class FailoverService:
                     timeout = max(0.0, r.machine.next_deadline() - time.monotonic())
                 else:
                     timeout = 0.5
-                for key, _ in self.sel.select(min(timeout, 0.5)):
+                wait = min(timeout, 0.5)
+                expected_wake = time.monotonic() + wait
+                for key, _ in self.sel.select(wait):
                     key.data(key.fileobj)
         finally:
             self.close()
+
+    def _after_stall(self, late: float) -> None:
+        """We woke `late` seconds after we meant to: this node was not running (a machine-wide
+        stall: measured here up to ~120 ms, even for SCHED_FIFO tasks, while the kernel does bulk
+        conntrack work). Read what the peer sent meanwhile before any dead timer fires, and do
+        not hold against the peer the time we could not listen."""
+        r = self.runner
+        if r is None or late <= r.machine.timing.interval / 2:
+            return
+        self.stalls += 1
+        self.longest_stall = max(self.longest_stall, late)
+        r.machine.on_stall(late, time.monotonic())
+        for key, _ in self.sel.select(0):
+            key.data(key.fileobj)
 
     def _shutdown_step(self, now: float) -> bool:
         r = self.runner
@@ -274,7 +301,7 @@ class FailoverService:
         for path in r.paths.paths[1:]:
             name = path.ifname
             seen = m.peer.last_seen.get(path.index)
-            silent = peer_alive and seen is not None and now - seen > 2.5 * interval
+            silent = peer_alive and seen is not None and now - seen > 1.5 * interval
             if not (silent or name in r.carrier_lost):
                 continue
             if now - r.carrier_checked.get(name, 0.0) < interval:
@@ -326,6 +353,10 @@ class FailoverService:
 
     def _send_advert(self, r: GroupRunner, extra_flags: int) -> None:
         m = r.machine
+        now = time.monotonic()
+        if r.last_send:  # how late this loop runs: tells a starved node from a lossy path
+            r.max_send_gap = max(r.max_send_gap, now - r.last_send)
+        r.last_send = now
         key_id = self.cfg.auth_key_id
         key = self.cfg.auth_keys[key_id]
         flags = m.advert_flags() | extra_flags
@@ -372,6 +403,9 @@ class FailoverService:
                 "dropped": dict(self.dropped),
                 "sent": {p.ifname: p.sent for p in r.paths.paths} if r else {},
                 "send_errors": {p.ifname: p.send_errors for p in r.paths.paths} if r else {},
+                "max_send_gap_ms": r.take_max_send_gap_ms() if r else None,
+                "local_stalls": self.stalls,
+                "longest_local_stall_ms": round(self.longest_stall * 1000, 1),
             },
             "last_transition": self.history[-1] if self.history else None,
             "hooks": {"runs": self.hooks.runs, "failures": self.hooks.failures,

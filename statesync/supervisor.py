@@ -28,6 +28,7 @@ log = logging.getLogger("hasync.sync")
 
 STATUS_EVERY_S = 0.5
 COMMIT_WAIT_S = 10.0
+SYNC_NICE = 10
 
 
 def sync_socket_name(cfg: NodeConfig) -> str:
@@ -56,7 +57,10 @@ class SyncSupervisor:
             self._threads.append(t)
 
     def _spawn(self) -> None:
-        argv = [sys.executable, "-m", "statesync.service", "--config", str(self.cfg.path)]
+        # bulk work yields the CPU to heartbeats: a normal (not real-time) scheduling class, even
+        # when the failover process runs SCHED_FIFO, and a lower priority within it
+        argv = ["chrt", "--other", "0", "nice", "-n", str(SYNC_NICE),
+                sys.executable, "-m", "statesync.service", "--config", str(self.cfg.path)]
         self.proc = subprocess.Popen(argv)
         log.info("sync service started, pid %d", self.proc.pid)
 

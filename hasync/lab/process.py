@@ -143,13 +143,18 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def kill_now(pid: int) -> None:
-    """SIGKILL `pid` and its process group (a crash: no clean-up handlers run)."""
+def kill_signal(pid: int) -> None:
+    """SIGKILL `pid` and its process group, without waiting."""
     _signal_group(pid, signal.SIGKILL)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def kill_now(pid: int) -> None:
+    """SIGKILL `pid` and its process group (a crash: no clean-up handlers run), and reap."""
+    kill_signal(pid)
     wait_exit(pid, 1.0)
     _wait_group_gone(pid, 1.0)
 

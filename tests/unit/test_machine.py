@@ -376,3 +376,15 @@ def test_takeover_request_ignored_from_an_unsynced_peer():
     m.on_advert(peer_advert(BACKUP, counter=3,
                            flags=wire.FLAG_TAKEOVER_REQ | wire.FLAG_STATE_READY), 0.003)
     assert m.resigning
+
+
+def test_a_local_stall_is_not_held_against_the_peer():
+    m = machine(priority=100)
+    m.start(0.0, UP)
+    m.on_advert(peer_advert(MASTER, priority=150), 0.010)
+    # frozen from 0.012 to 0.112: the dead time (30 ms) passed while we could not listen
+    m.on_stall(0.100, 0.112)
+    m.on_timer(0.112)
+    assert m.state == BACKUP
+    m.on_timer(0.141)  # but real silence after the stall still counts
+    assert m.state == MASTER and m.cause == "peer lost"
