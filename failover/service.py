@@ -129,6 +129,9 @@ class FailoverService:
         for path in r.paths.paths:
             self.sel.register(path.sock, selectors.EVENT_READ, self._on_advert_socket(path.index))
         self.sel.register(r.links, selectors.EVENT_READ, self._on_links)
+        # the clock after the set-up (a link dump can take a while): the INIT hold must
+        # start now, or a node could claim Master before it had a chance to hear the peer
+        now = time.monotonic()
         self._execute(r.machine.start(now, r.link_up), now)
 
     def _stop_group(self, now: float) -> None:

@@ -185,6 +185,46 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the web page (hasync.web) ------------------------------------------------------
+
+MIN_WEB_PASSWORD = 8
+
+
+def cmd_web_passwd(args: argparse.Namespace) -> int:
+    """Set the web page's admin password: its scrypt hash goes into [web] of the config."""
+    from getpass import getpass
+
+    from hasync.web.password import hash_password
+
+    path = Path(args.config or os.environ.get("HASYNC_CONFIG") or cfgmod.DEFAULT_CONFIG_PATH)
+    try:
+        cfg = cfgmod.load(path)
+    except cfgmod.ConfigError as exc:
+        print(f"hasync: invalid config {path}: {exc}", file=sys.stderr)
+        return 2
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass("New admin password: ")
+        if getpass("Again: ") != password:
+            print("error: the passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    if len(password) < MIN_WEB_PASSWORD:
+        print(f"error: the password needs at least {MIN_WEB_PASSWORD} characters; nothing changed",
+              file=sys.stderr)
+        return 1
+    cfgmod.save(cfgmod.with_web_password_hash(cfg, hash_password(password)), path)
+    print(f"admin password set in {path}")
+    # a running daemon writes its in-memory config back on the next change: make it re-read the file
+    try:
+        reply = control.request(cfg.control_socket, "reload", timeout=5.0)
+    except OSError:
+        return 0  # no daemon here: it reads the file when it starts
+    if not reply.get("ok"):
+        print(f"warning: the daemon did not reload: {reply.get('error')}", file=sys.stderr)
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from hasync.lab import commands
 
@@ -265,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", default="/etc/systemd/system", help="unit directory (default %(default)s)")
     s.add_argument("--executable", help="the hasync command for ExecStart (default: this one)")
     s.set_defaults(func=cmd_install_units)
+
+    w = sub.add_parser("web", help="the High Availability web page")
+    wsub = w.add_subparsers(dest="web_cmd", required=True)
+    s = wsub.add_parser("passwd", help="set the admin password (stored as a scrypt hash in [web])")
+    s.add_argument("--stdin", action="store_true", help="read the password from one line of stdin")
+    s.set_defaults(func=cmd_web_passwd)
 
     from hasync.lab.commands import add_parser as add_lab_parser
 

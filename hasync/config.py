@@ -43,6 +43,8 @@ DEFAULT_SYNC_PORT = 7610
 DEFAULT_STATE_DIR = Path("/var/lib/hasync")
 DEFAULT_PRIORITY = {"master": 150, "backup": 100}
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # a firewall does not publish its internals by default
+DEFAULT_WEB_BIND = ("127.0.0.1",)  # the web page listens where the operator says, never everywhere by default
+DEFAULT_WEB_PORT = 8443
 LOG_FORMATS = ("journal", "json")
 
 AUTH_KEY_BYTES = 32  # what generate_auth_key() makes
@@ -125,6 +127,18 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The High Availability web page (hasync.web): an HTTPS server in its own process."""
+
+    enabled: bool = False
+    bind: tuple[str, ...] = DEFAULT_WEB_BIND  # addresses to listen on, one socket each
+    port: int = DEFAULT_WEB_PORT
+    password_hash: str = ""  # the admin password (hasync.web.password format); "" = no login possible
+    cert_file: Path | None = None  # None: <state_dir>/web-cert.pem, made on first start
+    key_file: Path | None = None  # None: <state_dir>/web-key.pem (0600)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     hostname: str
     enabled: bool  # Global Settings: Config Status Enable/Disable
@@ -141,6 +155,7 @@ class NodeConfig:
     metrics_port: int = 0  # 0 = no metrics endpoint
     log_format: str = "journal"  # "journal" (syslog-prefixed lines) | "json" (one object per line)
     sync: SyncConfig = SyncConfig()
+    web: WebConfig = WebConfig()
     path: Path | None = None  # the file it was read from
     # where each auth key came from (key id -> key file); save() writes these paths,
     # never key material, into the TOML file
@@ -149,6 +164,14 @@ class NodeConfig:
     @property
     def group(self) -> Group | None:
         return self.groups[0] if self.groups else None
+
+    @property
+    def web_cert_file(self) -> Path:
+        return self.web.cert_file or self.state_dir / "web-cert.pem"
+
+    @property
+    def web_key_file(self) -> Path:
+        return self.web.key_file or self.state_dir / "web-key.pem"
 
 
 # --------------------------------------------------------------------------- reading a table
@@ -489,6 +512,30 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
                       reload_hooks=hooks, ignore_protocols=protocols, ignore_addresses=tuple(networks))
 
 
+def _parse_web(t: _Table, base_dir: Path) -> WebConfig:
+    from hasync.web.password import PasswordHashError, parse_hash  # the format lives with the hasher
+
+    bind = t.strings("bind") if "bind" in t.data else DEFAULT_WEB_BIND
+    if not bind:
+        raise ConfigError(t.field("bind"), "at least one address is required")
+    for i, address in enumerate(bind):
+        _ip_address(f"{t.field('bind')}[{i}]", address)
+    password_hash = t.string("password_hash", "")
+    if password_hash:
+        try:
+            parse_hash(password_hash)
+        except PasswordHashError as exc:
+            raise ConfigError(t.field("password_hash"), f"{exc}; set it with `hasync web passwd`") from None
+    files = {}
+    for key in ("cert_file", "key_file"):
+        text = t.string(key, "")
+        files[key] = _relative_to(base_dir, text) if text else None
+    web = WebConfig(enabled=t.boolean("enabled", False), bind=tuple(bind),
+                    port=_port(t, "port", DEFAULT_WEB_PORT), password_hash=password_hash, **files)
+    t.done()
+    return web
+
+
 def _parse_monitor(t: _Table) -> Monitor:
     monitor = Monitor(
         interface=_interface_name(t.field("interface"), t.string("interface")),
@@ -577,7 +624,7 @@ def _check_groups(groups: Sequence[Group]) -> None:
 
 # --------------------------------------------------------------------------- public API
 
-_TOP_LEVEL = ("node", "global", "security", "sync", "group")
+_TOP_LEVEL = ("node", "global", "security", "sync", "group", "web")
 
 
 def parse(data: dict, *, path: str | os.PathLike | None = None, system: SystemView | None = None,
@@ -599,10 +646,11 @@ def parse(data: dict, *, path: str | os.PathLike | None = None, system: SystemVi
     status_table.done()
     security = _parse_security(top.table("security", required=True), base_dir)
     sync = _parse_sync(top.table("sync"), base_dir)
+    web = _parse_web(top.table("web"), base_dir)
     groups = tuple(_parse_group(g) for g in top.tables("group"))
     top.done()
     _check_groups(groups)
-    cfg = NodeConfig(enabled=enabled, groups=groups, sync=sync,
+    cfg = NodeConfig(enabled=enabled, groups=groups, sync=sync, web=web,
                      path=Path(path) if path is not None else None, **node, **security)
     if system is not None:
         validate_against_system(cfg, system)
@@ -756,6 +804,11 @@ def with_enabled(cfg: NodeConfig, enabled: bool) -> NodeConfig:
     return dataclasses.replace(cfg, enabled=bool(enabled))
 
 
+def with_web_password_hash(cfg: NodeConfig, password_hash: str) -> NodeConfig:
+    """cfg with the web page's admin password hash replaced (see hasync.web.password)."""
+    return dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, password_hash=password_hash))
+
+
 # --------------------------------------------------------------------------- writing
 
 def to_toml_dict(cfg: NodeConfig) -> dict:
@@ -796,8 +849,18 @@ def to_toml_dict(cfg: NodeConfig) -> dict:
             "auth_keys": {str(k): str(cfg.auth_key_files[k]) for k in sorted(cfg.auth_keys)},
         },
         "sync": sync_table,
+        "web": _web_table(cfg.web),
         "group": [group_to_dict(g) for g in cfg.groups],
     }
+
+
+def _web_table(web: WebConfig) -> dict[str, Any]:
+    table: dict[str, Any] = {"enabled": web.enabled, "bind": list(web.bind), "port": web.port,
+                             "password_hash": web.password_hash}
+    for key in ("cert_file", "key_file"):
+        if getattr(web, key) is not None:
+            table[key] = str(getattr(web, key))
+    return table
 
 
 def group_to_dict(group: Group) -> dict:

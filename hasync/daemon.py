@@ -2,7 +2,8 @@
 
 The heartbeat loop (failover/service.py) runs in this process, optionally at a
 real-time priority so a busy machine cannot starve it; the sync service is a
-separate child process (statesync), so bulk replication never delays a heartbeat.
+separate child process (statesync), so bulk replication never delays a heartbeat,
+and so is the web page (hasync.web) when [web] enabled = true.
 """
 
 from __future__ import annotations
@@ -58,13 +59,22 @@ class SystemdBridge:
 
 
 def set_realtime(priority: int) -> None:
-    """SCHED_FIFO for the heartbeat process: the reason keepalived has vrrp_rt_priority."""
+    """SCHED_FIFO for the heartbeat process: the reason keepalived has vrrp_rt_priority.
+
+    Every thread of the process, not just the loop's: the threads share the GIL, and a
+    normal-class thread preempted while holding it stalls the real-time loop behind the
+    whole machine's load (measured: 11-14 ms late adverts at 5 ms intervals under load,
+    with only the main thread real-time). Child processes are started in the normal
+    class (hasync.sched.normal_class_argv).
+    """
     if priority <= 0:
         return
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-    except (PermissionError, OSError) as exc:
-        log.warning("could not set real-time priority %d: %s", priority, exc)
+    param = os.sched_param(priority)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, param)
+        except (PermissionError, OSError) as exc:
+            log.warning("could not set real-time priority %d on thread %s: %s", priority, tid, exc)
 
 
 def run(config_path: Path) -> int:
@@ -79,6 +89,7 @@ def run(config_path: Path) -> int:
     cfgmod.validate_against_system(cfg, FloatingIPs().system_view(exclude=floating))
     sync = None
     metrics = None
+    web = None
     try:
         if cfg.sync.enabled and cfg.group is not None:
             from statesync.supervisor import SyncSupervisor
@@ -93,6 +104,11 @@ def run(config_path: Path) -> int:
             except OSError as exc:  # failover matters more than its metrics: run without them
                 log.error("metrics endpoint %s:%d not started: %s", cfg.metrics_address,
                           cfg.metrics_port, exc)
+        if cfg.web.enabled and cfg.path is not None:
+            from hasync.web.supervisor import WebChild
+
+            web = WebChild(cfg)  # started before set_realtime, like the metrics thread
+            web.start()
         set_realtime(cfg.realtime_priority)
         bridge = SystemdBridge(notifier, transitions, sync.on_transition if sync else None)
         service = FailoverService(cfg, sync=sync, on_transition=bridge.on_transition,
@@ -109,6 +125,8 @@ def run(config_path: Path) -> int:
             metrics.close()
         if sync is not None:
             sync.stop()
+        if web is not None:
+            web.stop()
         log.info("hasync %s stopped", cfg.hostname)
         logs.flush_suppressed(log_handler)
         notifier.close()

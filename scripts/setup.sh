@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(nftables conntrack iproute2 procps keepalived conntrackd)
+# chromium: the web page's end-to-end test drives it headless (Playwright, never `playwright install`)
+DEBIAN_PACKAGES=(nftables conntrack iproute2 procps keepalived conntrackd chromium)
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

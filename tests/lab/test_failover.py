@@ -327,6 +327,8 @@ def test_group_delete_and_add_through_the_cli(steady):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "HA Group Added Successfully"
     wait_states(lab, STEADY)
+    # it joined as Backup straight away: never Master, not even for a moment
+    assert status(lab, "fw2")["last_transition"]["old"] == "INIT", status(lab, "fw2")["last_transition"]
     shown = _cli(lab, "fw2", "group", "show")
     assert "monitoring interface wan1: floating IP 203.0.113.1/24" in shown.stdout
 
