@@ -61,6 +61,11 @@ class HookRunner:
         self._worker = threading.Thread(target=self._work, name="hasync-hooks", daemon=True)
         self._worker.start()
 
+    def configure(self, commands: Sequence[str], timeout_s: float) -> None:
+        """New hooks from a reloaded config, for the transitions from now on."""
+        self._argvs = [shlex.split(command) for command in commands]
+        self._timeout_s = timeout_s
+
     def notify(self, env: Mapping[str, str]) -> None:
         """Queue one transition; returns at once (never blocks the caller)."""
         if not self._argvs:

@@ -153,8 +153,9 @@ class FailoverService:
         group definition (interfaces, floating IPs, id) restarts the group."""
         now = time.monotonic()
         old, self.cfg = self.cfg, new
-        self.hooks.commands = tuple(new.notify)
-        self.hooks.timeout_s = new.notify_timeout_s
+        self.hooks.configure(new.notify, new.notify_timeout_s)
+        if self.sync is not None:
+            self.sync.reconfigure(new)
         r = self.runner
         if r is not None and (new.group is None or _structure(new.group) != _structure(r.group)
                               or old.heartbeat_port != new.heartbeat_port):

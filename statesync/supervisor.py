@@ -45,6 +45,7 @@ class SyncSupervisor:
         self._role = "backup"
         self._requests: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
+        self._reconfiguring = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # ---- lifecycle --------------------------------------------------------------
@@ -73,6 +74,13 @@ class SyncSupervisor:
             code = proc.wait()
             if self._stopping.is_set():
                 return
+            if self._reconfiguring.is_set():
+                self._reconfiguring.clear()
+                log.info("sync service restarting with the new configuration")
+                self._status = None
+                self._spawn()
+                self._requests.put(({"cmd": "role", "role": self._role}, None))
+                continue
             log.error("sync service exited with %s; restarting in %.1f s", code, backoff)
             self._status = None
             if self._stopping.wait(backoff):
@@ -81,6 +89,17 @@ class SyncSupervisor:
             self.restarts += 1
             self._spawn()
             self._requests.put(({"cmd": "role", "role": self._role}, None))
+
+    def reconfigure(self, cfg: NodeConfig) -> bool:
+        """Take a reloaded config. A changed [sync] section restarts the child (the kernel
+        keeps every entry meanwhile, and the new child resyncs); True if it did."""
+        changed = cfg.sync != self.cfg.sync or cfg.path != self.cfg.path
+        self.cfg = cfg
+        proc = self.proc
+        if changed and proc is not None and proc.poll() is None:
+            self._reconfiguring.set()
+            proc.terminate()
+        return changed
 
     def stop(self) -> None:
         self._stopping.set()

@@ -355,3 +355,39 @@ def test_notify_hooks_ran_in_order(pair):
         assert prev[1] == nxt[0], lines
     assert states == [["BACKUP", "MASTER"], ["MASTER", "BACKUP"]]
     assert lines[-1].split()[2] == "1"  # HASYNC_GROUP
+
+
+def test_reload_applies_live_without_flapping(steady):
+    import tomllib
+
+    import tomli_w
+
+    lab = steady
+    path = Path(lab.configs["fw1"])
+    original = path.read_bytes()
+    before = status(lab, "fw1")["last_transition"]
+    try:
+        data = tomllib.loads(original.decode())
+        data["group"][0]["priority"] = 180
+        data["group"][0]["heartbeat_interval_ms"] = 8
+        path.write_bytes(tomli_w.dumps(data).encode())
+        os.kill(lab.pids["fw1"], signal.SIGHUP)  # what systemd's ExecReload does
+        deadline = time.monotonic() + 5
+        while status(lab, "fw1")["priority"] != 180 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s1 = status(lab, "fw1")
+        assert s1["priority"] == 180
+        assert s1["last_transition"] == before  # no flap: still the same Master
+        assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw1"], "203.0.113.1/24": ["fw1"]}
+        assert status(lab, "fw2")["peer"]["priority"] == 180
+        # an invalid file is refused with the reason, and the running config stays
+        data["group"][0]["dead_count"] = 0
+        path.write_bytes(tomli_w.dumps(data).encode())
+        reply = nsctl.ask(lab, "fw1", "reload")
+        assert not reply["ok"] and "dead_count" in reply["error"], reply
+        assert status(lab, "fw1")["priority"] == 180
+    finally:
+        path.write_bytes(original)
+        assert nsctl.ask(lab, "fw1", "reload")["ok"]
+    assert status(lab, "fw1")["priority"] == 150
+    assert status(lab, "fw1")["last_transition"] == before
