@@ -99,6 +99,7 @@ class Channel:
         hello: Hello,
         context: zmq.Context | None = None,
         heartbeat_ms: int = 1000,
+        heartbeat_timeout_ms: int = 15000,  # a lossy link backs TCP off for seconds: not dead
         hello_retry: float = 0.5,
         sndhwm: int = 1000,
     ):
@@ -131,7 +132,7 @@ class Channel:
             self.rx.curve_secretkey = secret_key
             self.rx.zap_domain = ZAP_DOMAIN.encode()
             self.rx.heartbeat_ivl = heartbeat_ms
-            self.rx.heartbeat_timeout = 3 * heartbeat_ms
+            self.rx.heartbeat_timeout = heartbeat_timeout_ms
             self.rx_monitor = self.rx.get_monitor_socket(
                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -146,7 +147,7 @@ class Channel:
             self.tx.curve_publickey = public_key
             self.tx.curve_secretkey = secret_key
             self.tx.heartbeat_ivl = heartbeat_ms
-            self.tx.heartbeat_timeout = 3 * heartbeat_ms
+            self.tx.heartbeat_timeout = heartbeat_timeout_ms
             self.tx.reconnect_ivl = 100
             self.tx.reconnect_ivl_max = 1000
             self.tx_monitor = self.tx.get_monitor_socket(
@@ -281,9 +282,11 @@ class Channel:
             self._tx_up = True
             self._next_hello = float("-inf")
         elif event == zmq.EVENT_DISCONNECTED:
+            # only our outgoing connection dropped: the peer's HELLO came in on the other
+            # one, which may well still be up, and the peer will not send it again. Keep
+            # knowing the peer (a restarted peer shows by its new boot id) and re-HELLO.
             self._tx_up = False
             self._hello_ok = False
-            self.peer = None
         else:
             self.counters.handshake_failures += 1
             if outgoing:

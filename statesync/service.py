@@ -12,12 +12,18 @@ only the Backup writes entries, so nothing a node injected is ever sent back; no
 origin mark is needed (conntrack-tools needs one because its nodes may both send).
 The failover daemon starts this process (statesync.supervisor) and drives roles
 over the control socket (statesync.control). Until told otherwise it is a Backup.
+
+Config sync (statesync.configsync) shares the loop and the channel: its frames
+(types 32..63) go to ConfigSync, its watcher's pipe is polled with the rest, and
+its status is the `config` section of ours. Bulk conntrack work and file applies
+take turns in one thread; neither touches the failover process's heartbeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import time
 import uuid
@@ -29,13 +35,18 @@ import zmq
 import hasync
 from hasync import config as cfgmod
 
+from hasync.control import ControlServer
+
 from . import control, keys, protocol, wire
 from .channel import Channel
+from .configsync import frames as config_frames
+from .configsync.node import ConfigSync
 from .ctnetlink import EV_DESTROY, CtSocket, Overrun
 from .filter import EntryFilter
 
 log = logging.getLogger("hasync.sync")
 
+CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
 
@@ -87,8 +98,13 @@ class SyncService:
         self.poller = zmq.Poller()
         for sock in self.channel.sockets():
             self.poller.register(sock, zmq.POLLIN)
-        self.control = control.open_server(cfg.control_socket, self)
+        self.config = ConfigSync(cfg, self.channel.send)
+        if self.config.fileno() is not None:
+            self.poller.register(self.config.fileno(), zmq.POLLIN)
+        self.control = ControlServer(control.socket_name(cfg.control_socket), self._handle_control)
         self.poller.register(self.control.fileno(), zmq.POLLIN)
+        self._control_dispatch = control.dispatcher(self)
+        self._was_connected = False
         self._conns: dict[int, Any] = {}
         # what status reports
         self.entries_sent = 0
@@ -133,8 +149,15 @@ class SyncService:
                 self._send_actions(self.receiver.ask_resync(now))
         self.role = role
         self.channel.set_role(role)
+        self.config.set_role(role)
         log.info("role: %s%s", role, f" (committed {committed} cached entries)" if committed else "")
         return {"role": role, "committed": committed}
+
+    def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        # `hasync resync --config-only` arrives as resync with config=True: config sync's
+        if req.get("cmd") == "resync" and req.get("config"):
+            return {"ok": True, **self.config.resync()}
+        return self._control_dispatch(req)
 
     def resync(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -157,7 +180,10 @@ class SyncService:
             problems.append("resync in progress")
         if self.overruns:
             problems.append(f"{self.overruns} event overruns (healed by resync)")
+        problems.extend(self.config.problems())
         return {
+            "pid": os.getpid(),
+            "config": self.config.status(),
             "connected": ch.connected,
             # a Backup holds the Master's whole table (a resync finished since it connected)
             "synced": ch.connected and (self.role == "master" or self.receiver.synced),
@@ -193,6 +219,7 @@ class SyncService:
         if self.events is not None:
             self._read_events(now)
         self._read_channel(now)
+        self.config.turn(now)
         self._serve_control(ready)
         if self.sender is not None:
             if self.sender.resync_needed:
@@ -208,9 +235,9 @@ class SyncService:
             if self.sender.has_work:
                 return 0
             deadline = min(deadline, self.sender.get_timer())
-        hello = self.channel.next_timer()
-        if hello is not None:
-            deadline = min(deadline, hello)
+        for timer in (self.channel.next_timer(), self.config.next_timer()):
+            if timer is not None:
+                deadline = min(deadline, timer)
         if deadline <= now:  # also -inf: a timer that never ran is due
             return 0
         return int((deadline - now) * 1000) + 1
@@ -247,12 +274,18 @@ class SyncService:
                 self.receiver.reset()
                 self._unsynced_since = now
                 self._send_actions(self.receiver.ask_resync(now))
+            self.config.on_session()
+        elif self._was_connected and not self.channel.connected:
+            self.config.on_disconnect()
+        self._was_connected = self.channel.connected
         if not frames:
             return
         actions: list = []
         for frame in frames:
             ftype = frame.type
-            if ftype in (wire.ACK, wire.NACK, wire.RESYNC_REQ):
+            if ftype in CONFIG_TYPES:
+                self.config.on_frame(frame, now)
+            elif ftype in (wire.ACK, wire.NACK, wire.RESYNC_REQ):
                 if self.sender is None:
                     self.frames_ignored_role += 1
                 elif ftype == wire.ACK:
@@ -391,6 +424,7 @@ class SyncService:
         for conn in self._conns.values():
             conn.close()
         self.control.close()
+        self.config.close()
         self.channel.close()
         self.ct.close()
 

@@ -94,9 +94,13 @@ def sessions_through_crash(lab, count: int = SESSIONS, then=None) -> dict:
         # every session's entry must be on the Backup before the crash
         assert wait_count(lab, "fw2", count, "-p", "tcp", "--dport", "7001") == count
         time.sleep(0.5)
+        table = run(lab, "fw2", ["conntrack", "-L", "-p", "tcp", "--dport", "7001"]).stdout
+        print("fw2 before the crash:", {st: table.count(f" {st} ") for st in
+                                         ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "CLOSE")})
         faults.fail(lab, "fw1", "crash")
         commands.wait_until(lab, lambda s: s["fw2"] == "MASTER", 10)
         time.sleep(3.0)
+        print("fw2 after the crash:", run(lab, "fw2", ["nft", "list", "counters"]).stdout.split())
         if then is not None:
             then(lab)
     finally:
@@ -200,6 +204,11 @@ def test_sessions_survive_failback_and_switchovers(synced):
     run(lab, "fw1", ["conntrack", "-D", "-p", "tcp", "--dport", "7001"], check=False)  # earlier tests'
     assert wait_count(lab, "fw2", 0, "-p", "tcp", "--dport", "7001") == 0
     report = sessions_through_crash(lab, count=50, then=_failback_and_switchovers)
+    for fw in ("fw1", "fw2"):  # shown on failure: the role changes and resyncs
+        log = (lab.node_dir(fw) / "hasync.log").read_text().splitlines()
+        print(fw, *[line for line in log if "->" in line or "resync" in line or "seated" in line],
+              sep="\n  ")
+    print({k: v for k, v in report.items() if k != "sessions"}, report["sessions"][:2])
     assert report["established"] == 50
     assert report["sessions_reset"] == 0
     assert report["sessions_stalled"] == 0, report["max_stall_ms"]

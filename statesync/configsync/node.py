@@ -1,0 +1,570 @@
+"""Config sync on one node: the watcher, the manifest, the apply and the hooks around
+the decisions of `core`, speaking the frames of `frames` through a `send` callable.
+
+The sync service (statesync.service) owns the loop and the channel; it calls
+`on_frame` for config frames, `turn` every loop turn, `set_role` / `on_session` /
+`on_disconnect` as the pair changes, and merges `status()` and `problems()` into its own.
+
+Master: watched changes -> new generation -> a delta against the signature of the
+version sent before (a rename: against the old name's) -> CFG_FILES; the Backup ACKs
+each version; an ACK missing for ACK_TIMEOUT_S (a frame dropped around a reconnect)
+resends the manifest, which converges whatever is missing.
+Backup: on connect and on `resync --config` it asks for the manifest, compares it
+with its own (`core.compare`), fetches what the Master wins (CFG_WANT carries its
+signature, so the Master answers with a delta), pushes back what it wins itself
+(changes made while the Master was away) and applies atomically (`apply`). Changes
+it sees on disk that it did not apply are reported as local changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from statesync.wire import Frame
+
+from . import apply as applymod
+from . import core, diff, frames
+from .hooks import HookRunner
+from .manifest import DELETED, Entry, Manifest, Name, read_version, stat_key
+from .pathguard import PathGuard, PathRejected
+from .watcher import Watcher
+
+log = logging.getLogger("hasync.sync.config")
+
+ACK_TIMEOUT_S = 3.0
+PART_BYTES = 512 << 10  # literal bytes per file item: one 10 MB file is ~20 frames
+FRAME_BYTES = 256 << 10  # small files share a CFG_FILES frame up to this size
+MAX_LISTED = 20
+
+
+@dataclass
+class _Incoming:
+    name: Name
+    path: Path
+    entry: Entry
+    writer: applymod.Writer
+    keep: Path | None
+    next_part: int = 1
+
+
+class ConfigSync:
+    def __init__(self, cfg, send: Callable[[bytes], bool], *, clock: Callable[[], float] = time.monotonic,
+                 watch: bool = True):
+        self.guard = PathGuard.for_node(cfg)
+        self.state_dir = Path(cfg.state_dir)
+        self.send_raw = send
+        self.clock = clock
+        roots = [r.directory for r in self.guard.roots]
+        self.manifest = Manifest(roots, self.state_dir / "configsync" / "manifest")
+        self.hooks = HookRunner(dict(cfg.sync.reload_hooks))
+        self.role = "backup"
+        self.connected = False
+        # counters and what status shows
+        self.bytes_sent = self.frames_sent = self.send_failures = 0
+        self.frames_received = self.versions_sent = self.versions_applied = 0
+        self.rejected = 0
+        self.last_rejection: str | None = None
+        self.frames_ignored = 0
+        self.retries = 0
+        self.bad_deltas = 0
+        self.conflicts: list[dict] = []
+        self.local_changes: dict[Name, str] = {}
+        self.last_applied: dict | None = None
+        self.peer_kept: dict[Name, str] = {}  # the peer kept its own version (its generation was newer)
+        # in-flight work
+        self.pending: dict[Name, tuple[int, float]] = {}  # Master: sent, not yet ACKed
+        self.awaiting: dict[Name, float] = {}  # asked with CFG_WANT, not yet applied
+        self.forced_names: set[Name] = set()
+        self.incoming: dict[int, _Incoming] = {}
+        self._dropped_xfers: set[int] = set()
+        self._xfer = 0
+        self._out: list[tuple] = []
+        self._out_size = 0
+        self._acks: list[tuple] = []
+        self._dirty_store = False
+        self.leftovers_removed = applymod.remove_leftovers(roots)
+        self.manifest.load()
+        self._scan_all(report_local=False)
+        self.manifest.save()
+        self.watcher = Watcher(self._watch_dirs(), self._name_of, clock) if watch else None
+
+    def _watch_dirs(self) -> list[str]:
+        return sorted({str(r.directory) for r in self.guard.roots})
+
+    def _name_of(self, path: str) -> Name | None:
+        return self.guard.name_of(path)
+
+    def fileno(self) -> int | None:
+        return self.watcher.fileno() if self.watcher else None
+
+    # ---- the pair -----------------------------------------------------------------------
+
+    def set_role(self, role: str) -> None:
+        if role == self.role:
+            return
+        self.role = role
+        self.pending.clear()
+        self.awaiting.clear()
+        self.forced_names.clear()
+        self._abort_incoming()
+        if role == "backup" and self.connected:
+            self.request(forced=False)
+
+    def on_session(self) -> None:
+        """The channel (re)connected: the Backup asks for the Master's manifest."""
+        self.connected = True
+        if self.role == "backup":
+            self.request(forced=False)
+
+    def on_disconnect(self) -> None:
+        self.connected = False
+        self.pending.clear()
+        self.awaiting.clear()
+        self._abort_incoming()
+
+    def request(self, forced: bool) -> None:
+        self._send(frames.CFG_REQUEST, forced)
+
+    def resync(self) -> dict[str, Any]:
+        """`hasync resync --config`: the Master's versions win everywhere."""
+        self.conflicts.clear()
+        self.hooks.failures.clear()
+        if self.role == "master":
+            self._send_manifest(forced=True)
+            return {"config": "sent the manifest to the peer (forced)"}
+        self.request(forced=True)
+        return {"config": "asked the master for its manifest (forced)"}
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        timers = []
+        if self.watcher is not None and (t := self.watcher.next_timer()) is not None:
+            timers.append(t)
+        if self.hooks.busy:
+            timers.append(self.clock() + 0.05)
+        if self.pending:
+            timers.append(min(t for _g, t in self.pending.values()) + ACK_TIMEOUT_S)
+        if self.awaiting:
+            timers.append(min(self.awaiting.values()) + ACK_TIMEOUT_S)
+        return min(timers) if timers else None
+
+    def turn(self, now: float) -> None:
+        if self.watcher is not None:
+            batch = self.watcher.take(now)
+            if batch is not None:
+                self._on_local_changes(*batch)
+        self.hooks.poll(now)
+        if self.connected:
+            if self.pending and min(t for _g, t in self.pending.values()) + ACK_TIMEOUT_S <= now:
+                self.retries += 1
+                self._send_manifest(forced=False)
+                for name, (gen, _t) in list(self.pending.items()):
+                    self.pending[name] = (gen, now)
+            if self.awaiting and min(self.awaiting.values()) + ACK_TIMEOUT_S <= now:
+                self.retries += 1
+                self.awaiting.clear()
+                self.request(forced=False)
+        self._flush()
+        if self._dirty_store:
+            self.manifest.save()
+            self._dirty_store = False
+
+    # ---- local changes -----------------------------------------------------------------
+
+    def _scan_all(self, report_local: bool) -> list[Name]:
+        changed = []
+        seen = set()
+        for root, rel, path in self.guard.walk():
+            seen.add((root, rel))
+            if self.manifest.rescan((root, rel), path, keep_signature=True) is not None:
+                changed.append((root, rel))
+        for name in [n for n, l in self.manifest.files.items() if n not in seen and not l.entry.deleted]:
+            if self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True) is not None:
+                changed.append(name)
+        if report_local:
+            for name in changed:
+                self._local_change(name)
+        return changed
+
+    def _on_local_changes(self, dirty: set[Name], moves: list[tuple[Name, Name]], rescan: bool) -> None:
+        files = self.manifest.files
+        dirty = dirty | {dest for _src, dest in moves}
+        old = {name: (files[name].entry, files[name].sig) if name in files else None
+               for name in dirty | {src for src, _ in moves}}
+        changed: dict[Name, Entry] = {}
+        if rescan:
+            changed.update((name, files[name].entry) for name in self._scan_all(report_local=False))
+        for name in sorted(dirty):
+            entry = self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True)
+            if entry is not None:
+                changed[name] = entry
+        for name in [s for s, _ in moves if s not in changed]:
+            entry = self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True)
+            if entry is not None:
+                changed[name] = entry
+        if not changed:
+            return
+        self._dirty_store = True
+        if self.role != "master":
+            for name in changed:
+                self._local_change(name)
+            return
+        renamed_from = {dest: src for src, dest in moves}
+        # creations first (a rename's new name copies from the old one), deletions last
+        for name in sorted(changed, key=lambda n: changed[n].deleted):
+            base = None
+            src = renamed_from.get(name)
+            prev = old.get(src) if src is not None else old.get(name)
+            if prev is not None and prev[1] is not None and not prev[0].deleted:
+                base = (src if src is not None else name, prev[0].digest, prev[1])
+            self._send_version(name, changed[name], base)
+
+    def _local_change(self, name: Name) -> None:
+        path = str(self.guard.path_of(*name))
+        self.local_changes[name] = path
+        log.warning("local change on the Backup to %s (the Master's version will be restored on resync)", path)
+
+    # ---- sending -----------------------------------------------------------------------
+
+    def _send(self, ftype: int, payload: Any) -> bool:
+        buf = frames.encode(ftype, payload)
+        if self.send_raw(buf):
+            self.bytes_sent += len(buf)
+            self.frames_sent += 1
+            return True
+        self.send_failures += 1
+        return False
+
+    def _send_manifest(self, forced: bool) -> None:
+        self._send(frames.CFG_MANIFEST, (forced, self.manifest.to_wire()))
+
+    def _send_version(self, name: Name, entry: Entry, base: tuple | None, forced: bool = False) -> None:
+        """Queue `name`'s current version; base = (base name, base digest, Signature) or None."""
+        self._xfer += 1
+        xfer = self._xfer
+        root, rel = name
+        if entry.deleted:
+            self._queue((xfer, 0, True, root, rel, entry.to_wire(), forced, None, ()), 0)
+        else:
+            got = read_version(self.guard.path_of(*name))
+            if got is None or self.manifest.get(name).digest != entry.digest:
+                return  # changed again under us: the watcher brings the newer version
+            data = got[0]
+            if base is not None and base[2] is not None and base[2].hashes:
+                ops = diff.delta(base[2], data)
+                base_wire = (base[0][0], base[0][1], base[1])
+            else:
+                ops, base_wire = diff.full(data), None
+            part, items, size = 0, [], 0
+            for op in ops:
+                items.append(op)
+                size += len(op) if isinstance(op, bytes) else 8
+                if size >= PART_BYTES:
+                    self._queue((xfer, part, False, root, rel, entry.to_wire(), forced, base_wire, tuple(items)), size)
+                    part, items, size = part + 1, [], 0
+            self._queue((xfer, part, True, root, rel, entry.to_wire(), forced, base_wire, tuple(items)), size)
+        self.versions_sent += 1
+        self.pending[name] = (entry.gen, self.clock())
+
+    def _queue(self, item: tuple, size: int) -> None:
+        self._out.append(item)
+        self._out_size += size + 64
+        if self._out_size >= FRAME_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            self._send(frames.CFG_FILES, tuple(self._out))
+            self._out, self._out_size = [], 0
+        if self._acks:
+            self._send(frames.CFG_ACK, tuple(self._acks))
+            self._acks = []
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame, now: float) -> None:
+        self.frames_received += 1
+        ftype, p = frame.type, frame.payload
+        if ftype == frames.CFG_REQUEST:
+            if self.role == "master":
+                self._send_manifest(forced=p)
+            else:
+                self.frames_ignored += 1
+        elif ftype == frames.CFG_MANIFEST:
+            if self.role == "backup":
+                self._on_manifest(*p, now)
+            else:
+                self.frames_ignored += 1  # two masters: neither takes the other's manifest
+        elif ftype == frames.CFG_WANT:
+            self._on_want(p)
+        elif ftype == frames.CFG_FILES:
+            self._on_files(p, now)
+        elif ftype == frames.CFG_ACK:
+            self._on_acks(p)
+        self.hooks.start_queued()
+        self._flush()
+
+    def _resolve(self, root: int, rel: bytes) -> Path | None:
+        try:
+            return self.guard.resolve(root, rel)
+        except PathRejected as exc:
+            self.rejected += 1
+            self.last_rejection = str(exc)
+            log.warning("config frame rejected: %s", exc)
+            return None
+
+    def _on_manifest(self, forced: bool, remote: dict[Name, Entry], now: float) -> None:
+        for name in list(remote):
+            if self._resolve(*name) is None:
+                del remote[name]
+        for entry in remote.values():
+            self.manifest.observe(entry.gen)
+        self._scan_all(report_local=True)
+        local = self.manifest.live()
+        plan = core.compare(local, remote, local_is_source=False, forced=forced)
+        for name in plan.same:
+            if name in local and name in remote:
+                self._agree(name, max(local[name].gen, remote[name].gen))
+        if forced:
+            self.forced_names = set(plan.fetch)
+        wants = []
+        for name in plan.fetch:
+            theirs = remote.get(name)
+            if theirs is None or theirs.deleted:
+                keep = name in plan.keep_local
+                self._apply_delete(name, self.guard.path_of(*name), theirs or Entry(0, 0, DELETED), keep,
+                                   conflict=name in plan.conflicts)
+                continue
+            wants.append(self._want_item(name))
+            self.awaiting[name] = now
+        if wants:
+            self._send(frames.CFG_WANT, tuple(wants))
+        for name in plan.push:
+            if name in plan.conflicts:
+                self._record_conflict(name, local[name], remote.get(name), winner="local")
+            self._send_version(name, local[name], None)
+        self._dirty_store = True
+        log.info("config manifest compared: %d same, %d to fetch, %d to push, %d conflicts%s",
+                 len(plan.same), len(plan.fetch), len(plan.push), len(plan.conflicts), " (forced)" if forced else "")
+
+    def _agree(self, name: Name, gen: int) -> None:
+        """Both nodes hold the same version: it is the common one, at the newer generation."""
+        local = self.manifest.files.get(name)
+        if local is None:
+            return
+        local.entry = Entry(gen, gen, *local.entry.to_wire()[2:])
+        self.manifest.observe(gen)
+        self.local_changes.pop(name, None)
+
+    def _want_item(self, name: Name) -> tuple:
+        local = self.manifest.files.get(name)
+        if local is None or local.entry.deleted or local.sig is None:
+            return (name[0], name[1], b"", ())
+        return (name[0], name[1], local.entry.digest, local.sig.to_wire())
+
+    def _on_want(self, wants: tuple) -> None:
+        for root, rel, base_digest, sig in wants:
+            if self._resolve(root, rel) is None:
+                continue
+            name = (root, rel)
+            self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True)
+            entry = self.manifest.get(name)
+            base = (name, base_digest, diff.Signature.from_wire(sig)) if sig and base_digest else None
+            self._send_version(name, entry, base)
+
+    def _on_acks(self, acks: tuple) -> None:
+        for root, rel, gen, result in acks:
+            name = (root, rel)
+            if name not in self.manifest.files and name not in self.pending:
+                self.rejected += 1
+                self.last_rejection = f"ACK for an unknown path {rel!r}"
+                continue
+            pending = self.pending.get(name)
+            if pending is not None and pending[0] <= gen:
+                del self.pending[name]
+            if result in ("applied", "same"):
+                self.manifest.set_common(name, gen)
+                self.peer_kept.pop(name, None)
+                if self.manifest.get(name).gen == gen:
+                    self.local_changes.pop(name, None)  # our version is now the peer's too
+            else:
+                self.peer_kept[name] = result
+            self._dirty_store = True
+
+    def _on_files(self, items: tuple, now: float) -> None:
+        for xfer, part, last, root, rel, entry, forced, base, ops in items:
+            if xfer in self._dropped_xfers:
+                if last:
+                    self._dropped_xfers.discard(xfer)
+                continue
+            if part == 0:
+                self._begin(xfer, (root, rel), entry, forced or (root, rel) in self.forced_names, base)
+                if xfer not in self.incoming:
+                    if not last:
+                        self._dropped_xfers.add(xfer)
+                    continue
+            inc = self.incoming.get(xfer)
+            if inc is None or (part and part != inc.next_part):
+                self._dropped_xfers.add(xfer) if not last else None
+                if inc is not None:
+                    self._fail(xfer, "parts out of order")
+                continue
+            inc.next_part = part + 1
+            try:
+                inc.writer.write(ops)
+                if last:
+                    self._commit(xfer)
+            except (diff.BadDelta, applymod.DigestMismatch) as exc:
+                self._fail(xfer, str(exc))
+                if not last:
+                    self._dropped_xfers.add(xfer)
+            except OSError as exc:
+                self._fail(xfer, f"write failed: {exc}")
+                if not last:
+                    self._dropped_xfers.add(xfer)
+
+    def _begin(self, xfer: int, name: Name, incoming: Entry, forced: bool, base: tuple | None) -> None:
+        path = self._resolve(*name)
+        if path is None:
+            return
+        self.manifest.observe(incoming.gen)
+        if self.manifest.rescan(name, path, keep_signature=True) is not None and self.role == "backup":
+            self._local_change(name)
+        local = self.manifest.get(name)
+        d = core.decide(local, incoming, incoming_is_source=self.role == "backup", forced=forced)
+        self.forced_names.discard(name)
+        if d.same:
+            self._agree(name, max(local.gen, incoming.gen))
+            self.awaiting.pop(name, None)
+            self._acks.append((*name, incoming.gen, "same"))
+            return
+        if not d.take:
+            if d.conflict:
+                self._record_conflict(name, local, incoming, winner="local")
+            self.awaiting.pop(name, None)
+            self._acks.append((*name, incoming.gen, f"kept the local generation {local.gen}"))
+            return
+        keep = applymod.aside_path(self.state_dir, name[0], name[1], local) if d.keep_local else None
+        if d.conflict:
+            self._record_conflict(name, local, incoming, winner="peer", kept=keep)
+        if incoming.deleted:
+            self._apply_delete(name, path, incoming, keep is not None, conflict=False)
+            return
+        base_bytes = b""
+        if base is not None:
+            bpath = self._resolve(base[0], base[1])
+            got = read_version(bpath) if bpath is not None else None
+            if got is None or self.manifest.digest_of(got[0]) != base[2]:
+                self.bad_deltas += 1
+                self._send(frames.CFG_WANT, (self._want_item(name),))
+                self.awaiting[name] = self.clock()
+                return
+            base_bytes = got[0]
+        try:
+            writer = applymod.Writer(path, base_bytes)
+        except OSError as exc:
+            self._acks.append((*name, incoming.gen, f"error: {exc}"[:200]))
+            return
+        self.incoming[xfer] = _Incoming(name, path, incoming, writer, keep)
+
+    def _commit(self, xfer: int) -> None:
+        inc = self.incoming.pop(xfer)
+        inc.writer.commit(inc.entry, inc.keep)
+        e = inc.entry
+        self.manifest.put(inc.name, Entry(e.gen, e.gen, e.digest, e.mode, e.uid, e.gid, e.size))
+        self.manifest.files[inc.name].stat_key = stat_key(inc.writer.final_stat)
+        self._applied(inc.name, inc.path, e)
+
+    def _apply_delete(self, name: Name, path: Path, incoming: Entry, keep: bool, conflict: bool) -> None:
+        local = self.manifest.get(name)
+        aside = applymod.aside_path(self.state_dir, name[0], name[1], local) if keep else None
+        applymod.delete(path, aside)
+        gen = max(incoming.gen, local.gen)
+        self.manifest.put(name, Entry(gen, gen, DELETED))
+        self._applied(name, path, self.manifest.get(name))
+
+    def _applied(self, name: Name, path: Path, entry: Entry) -> None:
+        self.versions_applied += 1
+        self.awaiting.pop(name, None)
+        self.local_changes.pop(name, None)
+        self.last_applied = {"path": str(path), "generation": entry.gen, "at": time.time(),
+                             "deleted": entry.deleted}
+        self._acks.append((*name, entry.gen, "applied"))
+        self.hooks.applied(str(path))
+        self._dirty_store = True
+
+    def _fail(self, xfer: int, why: str) -> None:
+        inc = self.incoming.pop(xfer, None)
+        if inc is None:
+            return
+        inc.writer.abort()
+        log.warning("config apply of %s failed (%s): asking for the whole file", inc.path, why)
+        self.bad_deltas += 1
+        self.manifest.files.get(inc.name) and setattr(self.manifest.files[inc.name], "sig", None)
+        self._send(frames.CFG_WANT, ((*inc.name, b"", ()),))
+        self.awaiting[inc.name] = self.clock()
+
+    def _abort_incoming(self) -> None:
+        for inc in self.incoming.values():
+            inc.writer.abort()
+        self.incoming.clear()
+        self._dropped_xfers.clear()
+
+    def _record_conflict(self, name: Name, local: Entry, incoming: Entry | None, winner: str,
+                         kept: Path | None = None) -> None:
+        self.conflicts.append({
+            "path": str(self.guard.path_of(*name)), "winner": winner,
+            "local_generation": local.gen, "peer_generation": incoming.gen if incoming else None,
+            "kept": str(kept) if kept else None, "at": time.time()})
+        del self.conflicts[:-MAX_LISTED]
+        log.warning("config conflict on %s: the %s version wins%s", self.guard.path_of(*name), winner,
+                    f", the other is kept at {kept}" if kept else "")
+
+    # ---- what status shows -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        behind = len(self.pending) if self.role == "master" else len(self.awaiting) + len(self.incoming)
+        return {
+            "in_sync": self.connected and behind == 0 and not self.local_changes and not self.peer_kept,
+            "behind": behind,
+            "generation": self.manifest.clock,
+            "files": sum(1 for l in self.manifest.files.values() if not l.entry.deleted),
+            "conflicts": list(self.conflicts),
+            "last_applied": self.last_applied,
+            "hook_failures": list(self.hooks.failures.values()),
+            "hook_runs": self.hooks.runs,
+            "local_changes": sorted(self.local_changes.values())[:MAX_LISTED],
+            "bytes_sent": self.bytes_sent,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+            "send_failures": self.send_failures,
+            "versions_sent": self.versions_sent,
+            "versions_applied": self.versions_applied,
+            "rejected": self.rejected,
+            "last_rejection": self.last_rejection,
+            "bad_deltas": self.bad_deltas,
+            "retries": self.retries,
+            "roots": [str(r.directory) for r in self.guard.roots],
+        }
+
+    def problems(self) -> list[str]:
+        out = [f"config conflict on {c['path']}: the {c['winner']} version won"
+               + (f", the other is kept at {c['kept']}" if c["kept"] else "") for c in self.conflicts[-5:]]
+        out += [f"config reload hook `{f['command']}` failed: {f['error']}" for f in self.hooks.failures.values()]
+        if self.role == "backup":
+            out += [f"local change on the Backup to {p}" for p in sorted(self.local_changes.values())[:5]]
+        return out
+
+    def close(self) -> None:
+        self._abort_incoming()
+        self.hooks.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        if self._dirty_store:
+            self.manifest.save()
