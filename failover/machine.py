@@ -19,8 +19,9 @@ go (fault, disable, shutdown, switchover) says so in its advert (RESIGN) and the
 Backup takes over at once instead of waiting for the dead timer.
 
 Leadership between two live nodes is one function both sides compute alike
-(`_leader`): a node that yielded (after a switchover) does not lead; otherwise the
-higher priority, then the lower hostname.
+(`_leader`): a node that yielded (after a switchover) does not lead; then a node whose
+conntrack table is in sync beats one whose is not; then the higher priority, then the
+lower hostname.
 """
 
 from __future__ import annotations
@@ -300,8 +301,11 @@ class FailoverMachine:
 
     def _leader(self) -> bool:
         """Do we lead rather than the peer? Both nodes compute the same answer."""
-        mine = (not self.yielded, self.priority, _neg(self.hostname))
-        theirs = (not (self.peer.flags & FLAG_YIELD), self.peer.priority, _neg(self.peer.hostname))
+        # a node whose table is not in sync never outranks one whose table is: after a split
+        # the freshly restarted node must not win and wipe the sessions the other one carries
+        mine = (not self.yielded, self.state_ready, self.priority, _neg(self.hostname))
+        theirs = (not (self.peer.flags & FLAG_YIELD), bool(self.peer.flags & wire.FLAG_STATE_READY),
+                  self.peer.priority, _neg(self.peer.hostname))
         return mine > theirs
 
     def _consider_preempt(self, now: float) -> None:

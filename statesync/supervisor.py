@@ -177,9 +177,10 @@ class SyncSupervisor:
         return [f"state sync: {e}" for e in s.get("problems", [])]
 
     def ready(self) -> bool:
-        """May this node take the Master role from a live peer: is its table complete?"""
+        """May this node take the Master role from a live peer: is its table complete?
+        A Master's table is the truth whether or not a peer is connected."""
         s = self._status
-        return bool(s and s.get("synced"))
+        return bool(s and (s.get("synced") or s.get("role") == "master"))
 
     def resync(self, config: bool = False) -> dict[str, Any]:
         return self._ask("resync", timeout=5.0, config=config)

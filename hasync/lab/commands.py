@@ -230,6 +230,13 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
         wait_until(lab, lambda s: s["fw1"] == "MASTER", 10)
         time.sleep(0.5)
 
+        from bench.config import configsync_demo_step
+
+        change = configsync_demo_step(lab)
+        out(f"config sync: {Path(change['path']).name} written on fw1 ("
+            + (f"in place on fw2 after {change['latency_ms']} ms)" if change["replicated"]
+               else "NOT replicated)"))
+
         report = stop_probe(lab, probe_out)
         held = stop_sessions(lab, sessions_out)
         figures = {
@@ -242,6 +249,7 @@ def demo(name: str = "lab", keep: bool = False, sessions: int = 200, out=print) 
             "sessions_survived": held["sessions_ok"],
             "sessions_reset": held["sessions_reset"],
             "max_session_stall_ms": held["max_stall_ms"],
+            "config_sync_ms": change["latency_ms"],
         }
         out("")
         out(f"{'event':<28}{'client-visible gap':>20}")

@@ -388,3 +388,13 @@ def test_a_local_stall_is_not_held_against_the_peer():
     assert m.state == BACKUP
     m.on_timer(0.141)  # but real silence after the stall still counts
     assert m.state == MASTER and m.cause == "peer lost"
+
+
+def test_after_a_split_the_node_without_state_yields_whatever_its_priority():
+    m = machine(priority=200)  # the preferred Master, just restarted: its table is empty
+    m.state_ready = False
+    m.start(0.0, UP)
+    m.on_timer(0.05)  # heard nobody: takes over alone
+    assert m.state == MASTER
+    m.on_advert(peer_advert(MASTER, priority=100, flags=wire.FLAG_STATE_READY), 0.06)
+    assert m.state == BACKUP  # the peer carries the sessions: it keeps the role
