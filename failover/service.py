@@ -106,6 +106,8 @@ class FailoverService:
         self.hooks = HookRunner(cfg.notify, cfg.notify_timeout_s, log.info)
         self.dropped: Counter[str] = Counter()
         self.received = 0
+        self.takeover_started: float | None = None
+        self.last_takeover_ms: float | None = None
         self.stalls = 0  # loop turns that woke late by more than half an interval
         self.longest_stall = 0.0
         self.history: list[dict[str, Any]] = []  # recent transitions, newest last
@@ -336,24 +338,28 @@ class FailoverService:
         r = self.runner
         if r is None:
             return
+        started = time.monotonic()
         for action in actions:
             if isinstance(action, SendAdvert):
                 self._send_advert(r, action.flags)
-            elif isinstance(action, AddFloatingIPs):
-                for mon in r.group.monitors:
-                    self.vips.add(mon.interface, mon.floating_ip)
-            elif isinstance(action, RemoveFloatingIPs):
-                for mon in r.group.monitors:
-                    self.vips.remove(mon.interface, mon.floating_ip)
-            elif isinstance(action, Announce):
+            elif isinstance(action, (AddFloatingIPs, RemoveFloatingIPs)):
+                change = self.vips.add if isinstance(action, AddFloatingIPs) else self.vips.remove
                 for mon in r.group.monitors:
                     try:
-                        self.announcer.announce(mon.interface, mon.floating_ip)
-                    except OSError as exc:
-                        log.warning("announce %s on %s failed: %s", mon.floating_ip,
-                                    mon.interface, exc)
+                        change(mon.interface, mon.floating_ip)
+                    except Exception as exc:  # pyroute2's NetlinkError: the interface went away
+                        log.error("floating IP %s on %s: %s", mon.floating_ip, mon.interface, exc)
+            elif isinstance(action, Announce):
+                for mon in r.group.monitors:
+                    self.announcer.announce(mon.interface, mon.floating_ip)
             elif isinstance(action, Transition):
                 self._on_transition(r, action)
+                if action.new == MASTER:
+                    self.takeover_started = started
+        if self.takeover_started is not None:
+            # decision to floating IPs up and announced: the part of a failover this node owns
+            self.last_takeover_ms = round((time.monotonic() - self.takeover_started) * 1000, 3)
+            self.takeover_started = None
 
     def _send_advert(self, r: GroupRunner, extra_flags: int) -> None:
         m = r.machine
@@ -376,6 +382,11 @@ class FailoverService:
 
     def _on_transition(self, r: GroupRunner, t: Transition) -> None:
         log.info("state %s -> %s (%s)", t.old, t.new, t.cause)
+        if t.cause == "peer lost":
+            now = time.monotonic()
+            ages = {r.paths.names[p]: round((now - seen) * 1000, 1)
+                    for p, seen in r.machine.peer.last_seen.items() if p < len(r.paths.names)}
+            log.info("last heard from the peer (ms ago, per path): %s", ages)
         self.history.append({"old": t.old, "new": t.new, "cause": t.cause, "time": time.time()})
         del self.history[:-20]
         if self.on_transition is not None:
@@ -412,6 +423,7 @@ class FailoverService:
                 "longest_local_stall_ms": round(self.longest_stall * 1000, 1),
             },
             "last_transition": self.history[-1] if self.history else None,
+            "last_takeover_ms": self.last_takeover_ms,
             "hooks": {"runs": self.hooks.runs, "failures": self.hooks.failures,
                       "timeouts": self.hooks.timeouts},
             "sync": sync_status,

