@@ -1,5 +1,6 @@
 """Atomic apply on the receiving node: temporary file in the same directory, fsync,
-digest check, rename, directory fsync. A crash at any point leaves the old file or
+digest check, rename, directory fsync (one per directory per received frame, after
+all its renames: each file still changes by one rename). A crash at any point leaves the old file or
 the new one, never a mix: the temporary file is invisible to readers of the target
 and removed at the next start (`remove_leftovers`).
 
@@ -78,6 +79,13 @@ class Writer:
 
     def commit(self, entry: Entry, keep_aside: Path | None = None) -> None:
         """Check the digest, set mode and owner, make it durable, rename it into place."""
+        self.prepare(entry)
+        self.install(keep_aside)
+        fsync_dir(self.target.parent)
+
+    def prepare(self, entry: Entry) -> None:
+        """Check the digest, set mode and owner and make the content durable; the target
+        is untouched until `install`."""
         try:
             if self._hash.digest() != entry.digest:
                 raise DigestMismatch(f"{self.target}: digest mismatch after apply")
@@ -90,6 +98,17 @@ class Writer:
             # what we wrote, from our own fd: a stat of the path after the rename could
             # already be someone else's edit, which would then go unnoticed
             self.final_stat = os.fstat(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._close()
+
+    def install(self, keep_aside: Path | None = None) -> None:
+        """Rename the prepared version into place: the one moment the target changes. Its
+        directory still needs an fsync for the rename to survive a crash (a burst syncs
+        each directory once, after all its renames: `DirSyncs`)."""
+        try:
             delay = _test_delay(self.target.name)
             if delay:
                 time.sleep(delay)
@@ -99,9 +118,6 @@ class Writer:
         except BaseException:
             self.abort()
             raise
-        finally:
-            self._close()
-        fsync_dir(self.target.parent)
 
     def abort(self) -> None:
         self._close()
@@ -116,14 +132,35 @@ class Writer:
             self._fd = -1
 
 
-def delete(target: Path, keep_aside: Path | None = None) -> None:
+class DirSyncs:
+    """Directories whose renames or unlinks are not durable yet: one fsync each per batch."""
+
+    def __init__(self):
+        self.dirs: set[Path] = set()
+
+    def add(self, directory: Path) -> None:
+        self.dirs.add(directory)
+
+    def flush(self) -> None:
+        dirs, self.dirs = self.dirs, set()
+        for d in sorted(dirs):
+            try:
+                fsync_dir(d)
+            except FileNotFoundError:
+                pass  # removed meanwhile: nothing left to make durable there
+
+
+def delete(target: Path, keep_aside: Path | None = None, dir_syncs: DirSyncs | None = None) -> None:
     if keep_aside is not None:
         keep(target, keep_aside)
     try:
         os.unlink(target)
     except FileNotFoundError:
         return
-    fsync_dir(target.parent)
+    if dir_syncs is not None:
+        dir_syncs.add(target.parent)
+    else:
+        fsync_dir(target.parent)
 
 
 def aside_path(state_dir: Path, root: int, rel: bytes, entry: Entry) -> Path:

@@ -57,16 +57,25 @@ def chunk_lengths(data: bytes) -> list[int]:
     out: list[int] = []
     n = len(data)
     start = pos = 0
-    find, crc = data.find, zlib.crc32
+    find, rfind, crc = data.find, data.rfind, zlib.crc32
     while pos < n:
-        nl = find(b"\n", pos, start + MAX_CHUNK)
+        # no line end before MIN_CHUNK can close a chunk: jump to the first one that can,
+        # and start its piece at its own line start (the boundaries stay those of a walk
+        # over every line, at a fifth of the steps for short lines)
+        reach = start + MIN_CHUNK - 1
+        if pos < reach:
+            nl = find(b"\n", reach, start + MAX_CHUNK)
+            if nl >= 0:
+                pos = max(pos, rfind(b"\n", pos, nl) + 1)
+        else:
+            nl = find(b"\n", pos, start + MAX_CHUNK)
         if nl < 0:  # no line end within reach: cut at MAX_CHUNK (or at the end)
             end = min(start + MAX_CHUNK, n)
             out.append(end - start)
             start = pos = end
             continue
         end = nl + 1
-        if end - start >= MIN_CHUNK and not (crc(data[pos:end]) & _MASK):
+        if not (crc(data[pos:end]) & _MASK):
             out.append(end - start)
             start = end
         pos = end
@@ -90,8 +99,9 @@ def signature(data: bytes) -> Signature:
     return Signature(tuple(hashes), tuple(lengths))
 
 
-def delta(base: Signature, data: bytes) -> list[Op]:
-    """Ops that rebuild `data` from the version `base` describes. Consecutive copies merge."""
+def delta(base: Signature, data: bytes, data_sig: Signature | None = None) -> list[Op]:
+    """Ops that rebuild `data` from the version `base` describes. Consecutive copies merge.
+    `data_sig`, the signature of `data` when the caller already holds it, saves a pass."""
     where: dict[bytes, tuple[int, int]] = {}
     off = 0
     for h, length in zip(base.hashes, base.lengths):
@@ -102,9 +112,11 @@ def delta(base: Signature, data: bytes) -> list[Op]:
     view = memoryview(data)
     copy_off = copy_len = 0
     pos = 0
-    for length in chunk_lengths(data):
+    if data_sig is None:
+        data_sig = signature(data)
+    for h, length in zip(data_sig.hashes, data_sig.lengths):
         piece = view[pos:pos + length]
-        hit = where.get(_hash(piece))
+        hit = where.get(h)
         if hit is not None and hit[1] == length:
             if literal:
                 ops.extend(_pieces(b"".join(literal)))

@@ -1,7 +1,7 @@
 """Config sync frames (wire types 32..63): payload checks, registered with statesync.wire.
 
     CFG_REQUEST   Backup -> Master   forced: bool                      "send me your manifest"
-    CFG_MANIFEST  Master -> Backup   (forced, ((root, rel, *entry), ...))
+    CFG_MANIFEST  Master -> Backup   (forced, ((root, rel, *entry), ...), root_shapes)
     CFG_WANT      either way         ((root, rel, base_digest, signature), ...)  "send me these"
     CFG_FILES     either way         (item, ...) with item = (xfer, part, last, root, rel, entry,
                                       forced, base, ops); base = (root, rel, digest) or None
@@ -9,7 +9,9 @@
 
 `entry` is manifest.Entry.to_wire(); ops are diff ops (bytes, or (offset, length)).
 A file bigger than one frame travels as parts of one `xfer`, in order. The checks
-here are about shape only; whether a name is inside the replicated set is the
+here are about shape only; root_shapes (one text per replicated_paths entry: its
+pattern below its directory) lets the Backup check that root index i means the same
+entry on both nodes (older peers send no shapes: unchecked); whether a name is inside the replicated set is the
 receiver's PathGuard's call (it knows the local roots).
 """
 
@@ -72,15 +74,20 @@ def _check_request(p: Any) -> bool:
     return p
 
 
-def _check_manifest(p: Any) -> tuple[bool, dict]:
-    forced, items = _tuple(p, "CFG_MANIFEST", 2)
+def _check_manifest(p: Any) -> tuple[bool, dict, tuple | None]:
+    if type(p) is tuple and len(p) == 2:
+        (forced, items), shapes = p, None
+    else:
+        forced, items, shapes = _tuple(p, "CFG_MANIFEST", 3)
+        if any(type(s) is not str for s in _tuple(shapes, "root shapes")):
+            raise WireError("CFG_MANIFEST: root shapes must be text")
     if type(forced) is not bool:
         raise WireError("CFG_MANIFEST: forced flag expected")
     out = {}
     for item in _tuple(items, "CFG_MANIFEST entries"):
         item = _tuple(item, "manifest entry", 9)
         out[_name(item[0], item[1])] = entry_from_wire(item[2:])
-    return forced, out
+    return forced, out, shapes
 
 
 def _check_want(p: Any) -> tuple:

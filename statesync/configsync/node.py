@@ -72,6 +72,9 @@ class ConfigSync:
         self.frames_ignored = 0
         self.retries = 0
         self.bad_deltas = 0
+        self.tombstones_expired = 0
+        self._expired: set[Name] = set()  # dropped tombstones: a late duplicate ACK is no stranger
+        self.roots_mismatch: str | None = None  # replicated_paths differ from the peer's: sync refused
         self.conflicts: list[dict] = []
         self.local_changes: dict[Name, str] = {}
         self.last_applied: dict | None = None
@@ -87,6 +90,7 @@ class ConfigSync:
         self._out_size = 0
         self._acks: list[tuple] = []
         self._dirty_store = False
+        self.dir_syncs = applymod.DirSyncs()  # renames of this frame, made durable before its ACKs
         self.leftovers_removed = applymod.remove_leftovers(roots)
         self.manifest.load()
         self._scan_all(report_local=False)
@@ -241,8 +245,11 @@ class ConfigSync:
         self.send_failures += 1
         return False
 
+    def _root_shapes(self) -> tuple[str, ...]:
+        return tuple("/".join(r.pattern) for r in self.guard.roots)
+
     def _send_manifest(self, forced: bool) -> None:
-        self._send(frames.CFG_MANIFEST, (forced, self.manifest.to_wire()))
+        self._send(frames.CFG_MANIFEST, (forced, self.manifest.to_wire(), self._root_shapes()))
 
     def _send_version(self, name: Name, entry: Entry, base: tuple | None, forced: bool = False) -> None:
         """Queue `name`'s current version; base = (base name, base digest, Signature) or None."""
@@ -253,11 +260,12 @@ class ConfigSync:
             self._queue((xfer, 0, True, root, rel, entry.to_wire(), forced, None, ()), 0)
         else:
             got = read_version(self.guard.path_of(*name))
-            if got is None or self.manifest.get(name).digest != entry.digest:
+            if got is None or self.manifest.get(name).digest != entry.digest \
+                    or self.manifest.digest_of(got[0]) != entry.digest:
                 return  # changed again under us: the watcher brings the newer version
             data = got[0]
             if base is not None and base[2] is not None and base[2].hashes:
-                ops = diff.delta(base[2], data)
+                ops = diff.delta(base[2], data, self.manifest.files[name].sig)
                 base_wire = (base[0][0], base[0][1], base[1])
             else:
                 ops, base_wire = diff.full(data), None
@@ -283,6 +291,7 @@ class ConfigSync:
             self._send(frames.CFG_FILES, tuple(self._out))
             self._out, self._out_size = [], 0
         if self._acks:
+            self.dir_syncs.flush()
             self._send(frames.CFG_ACK, tuple(self._acks))
             self._acks = []
 
@@ -296,6 +305,8 @@ class ConfigSync:
                 self._send_manifest(forced=p)
             else:
                 self.frames_ignored += 1
+        elif self.roots_mismatch is not None and ftype in (frames.CFG_WANT, frames.CFG_FILES, frames.CFG_ACK):
+            self.frames_ignored += 1  # root indexes mean different paths here: nothing is written
         elif ftype == frames.CFG_MANIFEST:
             if self.role == "backup":
                 self._on_manifest(*p, now)
@@ -307,6 +318,7 @@ class ConfigSync:
             self._on_files(p, now)
         elif ftype == frames.CFG_ACK:
             self._on_acks(p)
+        self.dir_syncs.flush()  # before the hooks read the files and before the ACKs say "applied"
         self.hooks.start_queued()
         self._flush()
 
@@ -319,13 +331,32 @@ class ConfigSync:
             log.warning("config frame rejected: %s", exc)
             return None
 
-    def _on_manifest(self, forced: bool, remote: dict[Name, Entry], now: float) -> None:
+    def _check_roots(self, shapes: tuple | None) -> bool:
+        """Files travel as (root index, relative path): both nodes must list the same
+        replicated_paths in the same order. A mismatch stops config sync with a problem."""
+        ours = self._root_shapes()
+        if shapes is None or tuple(shapes) == ours:
+            self.roots_mismatch = None
+            return True
+        self.roots_mismatch = (f"config sync stopped: replicated_paths differ from the peer's (ours {list(ours)}, "
+                               f"the peer's {list(shapes)}; list the same entries in the same order on both nodes)")
+        log.error("%s", self.roots_mismatch)
+        return False
+
+    def _on_manifest(self, forced: bool, remote: dict[Name, Entry], shapes: tuple | None, now: float) -> None:
+        if not self._check_roots(shapes):
+            self.frames_ignored += 1
+            return
         for name in list(remote):
             if self._resolve(*name) is None:
                 del remote[name]
         for entry in remote.values():
             self.manifest.observe(entry.gen)
         self._scan_all(report_local=True)
+        # our tombstones the source no longer lists: both sides agree the path is gone
+        for name, l in list(self.manifest.files.items()):
+            if l.entry.deleted and name not in remote and l.entry.common >= l.entry.gen:
+                self._expire(name)
         local = self.manifest.live()
         plan = core.compare(local, remote, local_is_source=False, forced=forced)
         for name in plan.same:
@@ -362,8 +393,19 @@ class ConfigSync:
         self.manifest.observe(gen)
         self.local_changes.pop(name, None)
 
+    def _holds(self, name: Name, st: os.stat_result, digest: bytes) -> bool:
+        """The file read with stat `st` is the version of `digest` we recorded (unchanged
+        since, by its stat signature): no need to hash it again."""
+        local = self.manifest.files.get(name)
+        return local is not None and local.entry.digest == digest and local.stat_key == stat_key(st)
+
     def _want_item(self, name: Name) -> tuple:
         local = self.manifest.files.get(name)
+        if local is not None and not local.entry.deleted and local.sig is None:
+            # made when asked, not at every apply: a received version rarely needs it
+            got = read_version(self.guard.path_of(*name))
+            if got is not None and self.manifest.digest_of(got[0]) == local.entry.digest:
+                local.sig = diff.signature(got[0])
         if local is None or local.entry.deleted or local.sig is None:
             return (name[0], name[1], b"", ())
         return (name[0], name[1], local.entry.digest, local.sig.to_wire())
@@ -382,6 +424,8 @@ class ConfigSync:
         for root, rel, gen, result in acks:
             name = (root, rel)
             if name not in self.manifest.files and name not in self.pending:
+                if name in self._expired:
+                    continue
                 self.rejected += 1
                 self.last_rejection = f"ACK for an unknown path {rel!r}"
                 continue
@@ -391,8 +435,11 @@ class ConfigSync:
             if result in ("applied", "same"):
                 self.manifest.set_common(name, gen)
                 self.peer_kept.pop(name, None)
-                if self.manifest.get(name).gen == gen:
+                mine = self.manifest.get(name)
+                if mine.gen == gen:
                     self.local_changes.pop(name, None)  # our version is now the peer's too
+                    if mine.deleted and name in self.manifest.files:
+                        self._expire(name)  # the peer deleted it too: nothing left to compare
             else:
                 self.peer_kept[name] = result
             self._dirty_store = True
@@ -434,7 +481,7 @@ class ConfigSync:
         if path is None:
             return
         self.manifest.observe(incoming.gen)
-        if self.manifest.rescan(name, path, keep_signature=True) is not None and self.role == "backup":
+        if self.manifest.rescan(name, path, keep_signature=False) is not None and self.role == "backup":
             self._local_change(name)
         local = self.manifest.get(name)
         d = core.decide(local, incoming, incoming_is_source=self.role == "backup", forced=forced)
@@ -460,7 +507,7 @@ class ConfigSync:
         if base is not None:
             bpath = self._resolve(base[0], base[1])
             got = read_version(bpath) if bpath is not None else None
-            if got is None or self.manifest.digest_of(got[0]) != base[2]:
+            if got is None or not self._holds(base[:2], got[1], base[2]) and self.manifest.digest_of(got[0]) != base[2]:
                 self.bad_deltas += 1
                 self._send(frames.CFG_WANT, (self._want_item(name),))
                 self.awaiting[name] = self.clock()
@@ -475,7 +522,9 @@ class ConfigSync:
 
     def _commit(self, xfer: int) -> None:
         inc = self.incoming.pop(xfer)
-        inc.writer.commit(inc.entry, inc.keep)
+        inc.writer.prepare(inc.entry)
+        inc.writer.install(inc.keep)
+        self.dir_syncs.add(inc.path.parent)
         e = inc.entry
         self.manifest.put(inc.name, Entry(e.gen, e.gen, e.digest, e.mode, e.uid, e.gid, e.size))
         self.manifest.files[inc.name].stat_key = stat_key(inc.writer.final_stat)
@@ -484,7 +533,7 @@ class ConfigSync:
     def _apply_delete(self, name: Name, path: Path, incoming: Entry, keep: bool, conflict: bool) -> None:
         local = self.manifest.get(name)
         aside = applymod.aside_path(self.state_dir, name[0], name[1], local) if keep else None
-        applymod.delete(path, aside)
+        applymod.delete(path, aside, self.dir_syncs)
         gen = max(incoming.gen, local.gen)
         self.manifest.put(name, Entry(gen, gen, DELETED))
         self._applied(name, path, self.manifest.get(name))
@@ -510,6 +559,17 @@ class ConfigSync:
         self._send(frames.CFG_WANT, ((*inc.name, b"", ()),))
         self.awaiting[inc.name] = self.clock()
 
+    def _expire(self, name: Name) -> None:
+        """Drop a tombstone both nodes hold. Safe: an absent name and a tombstone compare as
+        the same, and the Lamport clock (kept in the store) never goes back, so a later
+        version of the path still outranks the deletion."""
+        del self.manifest.files[name]
+        self.tombstones_expired += 1
+        if len(self._expired) > 10000:
+            self._expired.clear()
+        self._expired.add(name)
+        self._dirty_store = True
+
     def _abort_incoming(self) -> None:
         for inc in self.incoming.values():
             inc.writer.abort()
@@ -531,7 +591,8 @@ class ConfigSync:
     def status(self) -> dict[str, Any]:
         behind = len(self.pending) if self.role == "master" else len(self.awaiting) + len(self.incoming)
         return {
-            "in_sync": self.connected and behind == 0 and not self.local_changes and not self.peer_kept,
+            "in_sync": self.connected and behind == 0 and not self.local_changes and not self.peer_kept
+            and self.roots_mismatch is None,
             "behind": behind,
             "generation": self.manifest.clock,
             "files": sum(1 for l in self.manifest.files.values() if not l.entry.deleted),
@@ -550,12 +611,16 @@ class ConfigSync:
             "last_rejection": self.last_rejection,
             "bad_deltas": self.bad_deltas,
             "retries": self.retries,
+            "tombstones_expired": self.tombstones_expired,
+            "roots_mismatch": self.roots_mismatch,
             "roots": [str(r.directory) for r in self.guard.roots],
         }
 
     def problems(self) -> list[str]:
         out = [f"config conflict on {c['path']}: the {c['winner']} version won"
                + (f", the other is kept at {c['kept']}" if c["kept"] else "") for c in self.conflicts[-5:]]
+        if self.roots_mismatch:
+            out.append(self.roots_mismatch)
         out += [f"config reload hook `{f['command']}` failed: {f['error']}" for f in self.hooks.failures.values()]
         if self.role == "backup":
             out += [f"local change on the Backup to {p}" for p in sorted(self.local_changes.values())[:5]]

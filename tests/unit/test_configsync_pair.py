@@ -13,6 +13,7 @@ import pytest
 from statesync import wire
 from statesync.configsync import frames
 from statesync.configsync.node import ConfigSync
+from statesync.configsync.pathguard import make_root
 
 
 def node_cfg(base: Path, name: str, hooks=None):
@@ -180,5 +181,57 @@ def test_failing_reload_hook_is_reported(tmp_path):
         assert len(fails) == 1 and fails[0]["rc"] == 3
         assert (tmp_path / "ran").read_text().strip() == str(p.etc_b / "good.conf")
         assert any("reload hook" in x for x in p.b.problems())
+    finally:
+        p.close()
+
+
+def test_a_burst_syncs_each_directory_once_per_frame(pair, monkeypatch):
+    from statesync.configsync import apply as applymod
+    pair.connect()
+    synced = []
+    monkeypatch.setattr(applymod, "fsync_dir", lambda d: synced.append(d))
+    names = [f"burst-{i}.conf" for i in range(40)]
+    for i, n in enumerate(names):
+        (pair.etc_a / n).write_bytes(f"set x {i}\n".encode())
+    pair.master_changed(*names)
+    assert all((pair.etc_b / n).read_bytes() == (pair.etc_a / n).read_bytes() for n in names)
+    assert synced == [pair.etc_b]  # one CFG_FILES frame: one directory fsync, after all its renames
+    assert pair.a.status()["behind"] == 0
+
+
+def test_tombstones_expire_once_both_sides_hold_the_deletion(pair):
+    pair.connect()
+    (pair.etc_a / "gone.conf").write_bytes(b"x\n")
+    pair.master_changed("gone.conf")
+    name = pair.a.guard.name_of(pair.etc_a / "gone.conf")
+    (pair.etc_a / "gone.conf").unlink()
+    pair.master_changed("gone.conf")
+    assert not (pair.etc_b / "gone.conf").exists()
+    assert name not in pair.a.manifest.files  # the Backup ACKed the deletion
+    pair.b.request(forced=False)  # the next manifest no longer lists it: the Backup drops its own
+    pair.pump()
+    assert name not in pair.b.manifest.files
+    assert pair.a.status()["tombstones_expired"] == 1 and pair.b.status()["tombstones_expired"] == 1
+    assert pair.a.rejected == 0 and pair.b.status()["in_sync"]
+    # a later version of the same path still wins over the forgotten deletion
+    (pair.etc_a / "gone.conf").write_bytes(b"back\n")
+    pair.master_changed("gone.conf")
+    assert (pair.etc_b / "gone.conf").read_bytes() == b"back\n"
+
+
+def test_replicated_paths_in_another_order_stop_config_sync_with_a_problem(tmp_path):
+    p = Pair(tmp_path)
+    try:
+        # the Backup lists a second entry first: root 0 would mean another directory there
+        extra = tmp_path / "b" / "other"
+        extra.mkdir()
+        p.b.guard.roots = (make_root(f"{extra}/"), *p.b.guard.roots)
+        (p.etc_a / "m.conf").write_bytes(b"from the master")
+        p.a._scan_all(report_local=False)
+        p.connect()
+        assert not (p.etc_b / "m.conf").exists() and not list(extra.iterdir())
+        st = p.b.status()
+        assert not st["in_sync"] and "replicated_paths differ" in st["roots_mismatch"]
+        assert any("replicated_paths differ" in x for x in p.b.problems())
     finally:
         p.close()

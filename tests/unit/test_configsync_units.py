@@ -141,3 +141,46 @@ def test_a_file_frame_round_trips():
     got = wire.decode(frames.encode(frames.CFG_FILES, (item,))).payload[0]
     assert got[4] == b"a.conf" and got[5] == entry and got[7] == (0, b"old.conf", b"e" * 32)
     assert got[8] == (b"abc", (0, 10))
+
+
+def _line_walk_chunks(data: bytes) -> list[int]:
+    """The chunk rule stated plainly (every line end looked at): the reference the fast
+    chunker, which jumps over line ends that cannot close a chunk, must agree with."""
+    import zlib
+    out, start, line_start, n = [], 0, 0, len(data)
+    for i in range(n):
+        if i + 1 - start >= diff.MAX_CHUNK and data.find(b"\n", line_start, start + diff.MAX_CHUNK) < 0:
+            out.append(diff.MAX_CHUNK)
+            start = line_start = start + diff.MAX_CHUNK
+            continue
+        if data[i] == 0x0A and i >= line_start:
+            end = i + 1
+            if end - start >= diff.MIN_CHUNK and not (zlib.crc32(data[line_start:end]) & 0x3):
+                out.append(end - start)
+                start = end
+            line_start = end
+    if start < n:
+        out.append(n - start)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=blobs)
+def test_fast_chunker_cuts_where_the_line_walk_cuts(data):
+    assert diff.chunk_lengths(data) == _line_walk_chunks(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(old=blobs, new=blobs)
+def test_delta_from_a_known_signature_is_the_same_delta(old, new):
+    base = diff.signature(old)
+    assert diff.delta(base, new, diff.signature(new)) == diff.delta(base, new)
+
+
+def test_manifest_with_root_shapes_is_checked_and_an_old_one_still_accepted():
+    entry = [0, b"a", 1, 1, b"d" * 32, 0o644, 0, 0, 1]
+    forced, files, shapes = wire.decode(frames.encode(frames.CFG_MANIFEST, (False, (entry,), ("*", "**")))).payload
+    assert shapes == ("*", "**") and (0, b"a") in files
+    assert wire.decode(frames.encode(frames.CFG_MANIFEST, (False, (entry,)))).payload[2] is None
+    with pytest.raises(wire.WireError):
+        wire.decode(frames.encode(frames.CFG_MANIFEST, (False, (entry,), (3,))))
