@@ -24,15 +24,18 @@ to the other on EEXIST / ENOENT.
 
 from __future__ import annotations
 
-from .ctbuild import Tuple, encode_tuple, icmp_reply_type, nest, nla
+import struct
+
+from .ctbuild import Tuple, encode_tuple, icmp_reply_type
 from .ctconst import (
     BE16, BE32, CT_NEW, CTA_NAT_DST, CTA_NAT_SRC, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
-    CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY, CTA_STATUS,
+    CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY, CTA_PROTOINFO_TCP_STATE,
+    CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, CTA_PROTOINFO_TCP_WSCALE_REPLY, CTA_STATUS,
     CTA_TUPLE_MASTER, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPS_CONFIRMED, IPS_EXPECTED, KEPT_ATTRS, NFGEN_HDR, NFGEN_HDR_LEN, NLA_F_NESTED,
     NLA_HDR, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 )
-from .ctmsg import MalformedMessage, _tuple_fields, iter_attrs
+from .ctmsg import MalformedMessage, _tuple_fields
 
 CTA_NAT_V4_MINIP = 1
 CTA_NAT_V4_MAXIP = 2
@@ -54,8 +57,6 @@ _PORT_TUPLE_SHAPE = {
         (36 + 2 * L, NLA_HDR.pack(6, 3)))
     for L in (4, 16)
 }
-_TCP_FLAGS_AT_32 = NLA_HDR.pack(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL)
-_TCP_FLAGS_AT_40 = NLA_HDR.pack(6, CTA_PROTOINFO_TCP_FLAGS_REPLY)
 
 CREATE_FLAGS = NLM_F_REQUEST | NLM_F_CREATE
 CREATE_EXCL_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
@@ -68,44 +69,27 @@ def prepare(attrs: bytes) -> tuple[bytes, bytes | None]:
     update_body is None when create_body serves for both (plain entry: send it
     with NLM_F_CREATE and no NLM_F_EXCL).
     """
-    common: list[bytes] = []  # attributes both forms share, reply tuple excluded
-    append = common.append
-    unpack = NLA_HDR.unpack_from
-    end = len(attrs)
-    off = 0
-    orig = reply = master = None
-    status = None
-    while off + 4 <= end:
-        alen, atype = unpack(attrs, off)
-        if alen < 4 or off + alen > end:
-            raise MalformedMessage(f"attribute length {alen} at {off} overruns {end}")
-        nxt = off + ((alen + 3) & ~3)
-        t = atype & NLA_TYPE_MASK
-        if t == CTA_TUPLE_ORIG:
-            orig = attrs[off:nxt]
-            append(orig)
-        elif t == CTA_TUPLE_REPLY:
-            reply = attrs[off:nxt]
-        elif t == CTA_STATUS and alen == 8:
-            status = BE32.unpack_from(attrs, off + 4)[0] | IPS_CONFIRMED
-        elif t == CTA_PROTOINFO:
-            append(_tcp_flags_masked(attrs[off:nxt]))
-        elif t == CTA_TUPLE_MASTER:
-            master = attrs[off:nxt]
-        elif t in KEPT_ATTRS:
-            append(attrs[off:nxt])
-        off = nxt
-    if orig is None or reply is None:
-        raise MalformedMessage("entry without both tuples")
+    plan = _PLANS.get(len(attrs))
+    if plan is None or plan.read_headers(attrs) != plan.headers:
+        plan = _learn(attrs)
+    # attributes both forms share, reply tuple excluded; CTA_PROTOINFO gets its flag masks set
+    common = [attrs[sl] for sl in plan.common]
+    if plan.protoinfo is not None:
+        for i in plan.protoinfo:
+            common[i] = _tcp_flags_masked(common[i])
+    orig = attrs[plan.orig]
+    reply = attrs[plan.reply]
+    status = None if plan.status is None else BE32.unpack_from(attrs, plan.status)[0] | IPS_CONFIRMED
+    master = None if plan.master is None else attrs[plan.master]
     nat = _nat_for_create(orig, reply)
     expected = status is not None and status & IPS_EXPECTED
     if nat is None and master is None and not expected:
         if status is not None:
-            append(_STATUS_HDR + BE32.pack(status))
-        append(reply)
+            common.append(_STATUS_HDR + BE32.pack(status))
+        common.append(reply)
         return b"".join(common), None
     update = common + [reply] if status is None else common + [reply, _STATUS_HDR + BE32.pack(status)]
-    create = list(common)
+    create = common
     if status is not None:
         create.append(_STATUS_HDR + BE32.pack(status & ~IPS_EXPECTED))
     if nat is None:
@@ -115,6 +99,75 @@ def prepare(attrs: bytes) -> tuple[bytes, bytes | None]:
     if master is not None:
         create.append(master)
     return b"".join(create), b"".join(update)
+
+
+# --- layout plans ---------------------------------------------------------------------------
+# A burst is thousands of entries of one layout (same attributes, same lengths, same order).
+# The walk over the top-level attributes is done once per layout; later entries of that
+# length are checked against it with one Struct read of every top-level header (types and
+# lengths, so every decision the walk made holds) and cut with precomputed slices.
+
+class _Plan:
+    __slots__ = ("headers", "read_headers", "common", "protoinfo", "orig", "reply", "status", "master")
+
+    def __init__(self, offsets: list[int], headers: tuple[bytes, ...], common: list[slice],
+                 protoinfo: tuple[int, ...] | None, orig: slice, reply: slice, status: int | None,
+                 master: slice | None):
+        fmt, pos = ["="], 0
+        for off in offsets:
+            fmt.append(f"{off - pos}x4s")
+            pos = off + 4
+        self.read_headers = struct.Struct("".join(fmt)).unpack_from
+        self.headers = headers
+        self.common = common
+        self.protoinfo = protoinfo
+        self.orig, self.reply, self.status, self.master = orig, reply, status, master
+
+
+_PLANS: dict[int, _Plan] = {}  # by attribute bytes length; a clash just relearns
+_MAX_PLANS = 256
+
+
+def _learn(attrs: bytes) -> _Plan:
+    """Walk the top-level attributes once and remember what to cut where."""
+    unpack = NLA_HDR.unpack_from
+    end = len(attrs)
+    off = 0
+    offsets: list[int] = []
+    common: list[slice] = []
+    protoinfo: list[int] = []
+    orig = reply = master = status = None
+    while off + 4 <= end:
+        alen, atype = unpack(attrs, off)
+        if alen < 4 or off + alen > end:
+            raise MalformedMessage(f"attribute length {alen} at {off} overruns {end}")
+        offsets.append(off)
+        nxt = off + ((alen + 3) & ~3)
+        t = atype & NLA_TYPE_MASK
+        here = slice(off, nxt)
+        if t == CTA_TUPLE_ORIG:
+            orig = here
+            common.append(here)
+        elif t == CTA_TUPLE_REPLY:
+            reply = here
+        elif t == CTA_STATUS and alen == 8:
+            status = off + 4
+        elif t == CTA_PROTOINFO:
+            protoinfo.append(len(common))
+            common.append(here)
+        elif t == CTA_TUPLE_MASTER:
+            master = here
+        elif t in KEPT_ATTRS:
+            common.append(here)
+        off = nxt
+    if orig is None or reply is None:
+        raise MalformedMessage("entry without both tuples")
+    plan = _Plan(offsets, tuple(attrs[o:o + 4] for o in offsets), common, tuple(protoinfo) or None,
+                 orig, reply, status, master)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[end] = plan
+    return plan
 
 
 def to_create_message(family: int, attrs: bytes, seq: int, ack: bool = False) -> bytes:
@@ -139,22 +192,43 @@ def to_update_message(family: int, attrs: bytes, seq: int, ack: bool = False) ->
 
 # --- NAT ------------------------------------------------------------------------------
 
+class _PortTupleLayout:
+    """Where things sit in a port-protocol tuple as the kernel lays it out, for one address
+    length: a Struct that reads the five attribute headers in one call, and slices (built
+    once, not per entry: the Backup runs this for every NATed entry)."""
+
+    def __init__(self, L: int):
+        self.size = 44 + 2 * L
+        self.headers = tuple(hdr for _, hdr in _PORT_TUPLE_SHAPE[L])
+        self.read_headers = struct.Struct(f"=8x4s{L}x4s{L + 4}x4s4x4s4x4s").unpack_from
+        self.reply_hdr = _REPLY_HDRS[L]
+        self.src, self.dst = slice(12, 12 + L), slice(16 + L, 16 + 2 * L)
+        self.sport, self.dport = slice(32 + 2 * L, 34 + 2 * L), slice(40 + 2 * L, 42 + 2 * L)
+        # the pieces around the values, for the inverse tuple
+        self.head, self.mid = slice(4, 12), slice(12 + L, 16 + L)
+        self.proto, self.between, self.tail = slice(16 + 2 * L, 32 + 2 * L), slice(34 + 2 * L, 40 + 2 * L), \
+            slice(42 + 2 * L, None)
+
+    def matches(self, t: bytes) -> bool:
+        return len(t) == self.size and self.read_headers(t) == self.headers
+
+
+_LAYOUTS = {52: _PortTupleLayout(4), 76: _PortTupleLayout(16)}  # by tuple attribute length
+
+
 def _nat_for_create(orig: bytes, reply: bytes) -> list[bytes] | None:
     """[inverse-of-orig reply tuple, CTA_NAT_* ...] if the tuples show NAT, else None."""
-    L = _port_tuple_addr_len(orig)
-    if L and len(reply) == len(orig) and _port_tuple_addr_len(reply) == L:
+    lay = _LAYOUTS.get(len(orig))
+    if lay is not None and lay.matches(orig) and lay.matches(reply):
         # fast path: compare raw slices of the kernel's fixed layout
-        o_src, o_dst = orig[12:12 + L], orig[16 + L:16 + 2 * L]
-        r_src, r_dst = reply[12:12 + L], reply[16 + L:16 + 2 * L]
-        o_sp, o_dp = orig[32 + 2 * L:34 + 2 * L], orig[40 + 2 * L:42 + 2 * L]
-        r_sp, r_dp = reply[32 + 2 * L:34 + 2 * L], reply[40 + 2 * L:42 + 2 * L]
+        o_src, o_dst, o_sp, o_dp = orig[lay.src], orig[lay.dst], orig[lay.sport], orig[lay.dport]
+        r_src, r_dst, r_sp, r_dp = reply[lay.src], reply[lay.dst], reply[lay.sport], reply[lay.dport]
         snat = r_dst != o_src or r_dp != o_sp
         dnat = r_src != o_dst or r_sp != o_dp
         if not (snat or dnat):
             return None
-        inverse = (_REPLY_HDRS[L] + orig[4:12] + o_dst + orig[12 + L:16 + L] + o_src
-                   + orig[16 + 2 * L:32 + 2 * L] + o_dp + orig[34 + 2 * L:40 + 2 * L] + o_sp
-                   + orig[42 + 2 * L:])
+        inverse = b"".join((lay.reply_hdr, orig[lay.head], o_dst, orig[lay.mid], o_src, orig[lay.proto], o_dp,
+                            orig[lay.between], o_sp, orig[lay.tail]))
         out = [inverse]
         if dnat:
             out.append(_nat_range(CTA_NAT_DST, r_src, r_sp))
@@ -166,14 +240,8 @@ def _nat_for_create(orig: bytes, reply: bytes) -> list[bytes] | None:
 
 def _port_tuple_addr_len(t: bytes) -> int:
     """4 or 16 if `t` is a tuple in the kernel's layout for a port protocol, else 0."""
-    n = len(t)
-    L = 4 if n == 52 else 16 if n == 76 else 0
-    if not L:
-        return 0
-    for at, hdr in _PORT_TUPLE_SHAPE[L]:
-        if t[at:at + 4] != hdr:
-            return 0
-    return L
+    lay = _LAYOUTS.get(len(t))
+    return 0 if lay is None or not lay.matches(t) else (len(t) - 44) // 2
 
 
 def _nat_for_create_slow(orig: bytes, reply: bytes) -> list[bytes] | None:
@@ -204,33 +272,81 @@ def _nat_for_create_slow(orig: bytes, reply: bytes) -> list[bytes] | None:
 
 
 def _nat_range(atype: int, addr: bytes, port: bytes | None) -> bytes:
-    v6 = len(addr) == 16
-    parts = [nla(CTA_NAT_V6_MINIP if v6 else CTA_NAT_V4_MINIP, addr),
-             nla(CTA_NAT_V6_MAXIP if v6 else CTA_NAT_V4_MAXIP, addr)]
-    if port is not None:
-        parts.append(nest(CTA_NAT_PROTO, nla(CTA_PROTONAT_PORT_MIN, port), nla(CTA_PROTONAT_PORT_MAX, port)))
-    return nest(atype, *parts)
+    """CTA_NAT_SRC/DST for one address (and port): precomputed headers around the values
+    (this runs once per NATed entry on the Backup: no nla()/nest() calls)."""
+    h0, h1, h2 = _NAT_RANGE_HDRS[atype, len(addr), port is not None]
+    if port is None:
+        return b"".join((h0, addr, h1, addr))
+    return b"".join((h0, addr, h1, addr, h2, port, _PORT_MAX_HDR, port, b"\0\0"))
+
+
+def _nat_range_hdrs(atype: int, L: int, with_port: bool) -> tuple[bytes, bytes, bytes]:
+    v6 = L == 16
+    ip = 4 + L
+    proto = 4 + 8 + 8 if with_port else 0
+    h0 = NLA_HDR.pack(4 + 2 * ip + proto, atype | NLA_F_NESTED) + NLA_HDR.pack(ip, CTA_NAT_V6_MINIP if v6 else CTA_NAT_V4_MINIP)
+    h1 = NLA_HDR.pack(ip, CTA_NAT_V6_MAXIP if v6 else CTA_NAT_V4_MAXIP)
+    h2 = NLA_HDR.pack(proto, CTA_NAT_PROTO | NLA_F_NESTED) + NLA_HDR.pack(6, CTA_PROTONAT_PORT_MIN)
+    return h0, h1, h2
+
+
+_NAT_RANGE_HDRS = {(a, L, p): _nat_range_hdrs(a, L, p)
+                   for a in (CTA_NAT_SRC, CTA_NAT_DST) for L in (4, 16) for p in (False, True)}
+_PORT_MAX_HDR = b"\0\0" + NLA_HDR.pack(6, CTA_PROTONAT_PORT_MAX)  # closes PORT_MIN's padding
 
 
 # --- TCP flags ----------------------------------------------------------------------------
 
+# CTA_PROTOINFO{TCP{state, wscale orig, wscale reply, flags orig, flags reply}} as the kernel
+# writes it: the six headers after CTA_PROTOINFO's own
+_read_tcp_headers = struct.Struct("=4x4s4s4x4s4x4s4x4s4x4s").unpack_from
+_KERNEL_TCP_HEADERS = (
+    NLA_HDR.pack(44, CTA_PROTOINFO_TCP | NLA_F_NESTED),
+    NLA_HDR.pack(5, CTA_PROTOINFO_TCP_STATE),
+    NLA_HDR.pack(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL),
+    NLA_HDR.pack(5, CTA_PROTOINFO_TCP_WSCALE_REPLY),
+    NLA_HDR.pack(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL),
+    NLA_HDR.pack(6, CTA_PROTOINFO_TCP_FLAGS_REPLY),
+)
+
+
 def _tcp_flags_masked(p: bytes) -> bytes:
-    """CTA_PROTOINFO with each TCP flags mask set to its flags."""
-    if len(p) == 52 and p[32:36] == _TCP_FLAGS_AT_32 and p[40:44] == _TCP_FLAGS_AT_40:
-        if p[37] == p[36] and p[45] == p[44]:
+    """CTA_PROTOINFO with each TCP flags mask set to its flags.
+
+    The kernel's own layout (state, wscales, flags) is recognised with one Struct read;
+    anything else is walked with plain loops. This runs once per TCP entry."""
+    n = len(p)
+    if n == 48 and _read_tcp_headers(p) == _KERNEL_TCP_HEADERS:
+        if p[36] == p[37] and p[44] == p[45]:
             return p
-        b = bytearray(p)
-        b[37] = b[36]
-        b[45] = b[44]
-        return bytes(b)
-    tcp = None
-    for t, ps, pe, _, _ in iter_attrs(p, 4, len(p)):
-        if t == CTA_PROTOINFO_TCP:
-            tcp = (ps, pe)
-    if tcp is None:
+        fix = bytearray(p)
+        fix[37] = p[36]
+        fix[45] = p[44]
+        return bytes(fix)
+    unpack = NLA_HDR.unpack_from
+    off = 4
+    tcp_end = 0
+    while off + 4 <= n:  # CTA_PROTOINFO's children: find CTA_PROTOINFO_TCP (the kernel's only one)
+        alen, atype = unpack(p, off)
+        if alen < 4 or off + alen > n:
+            raise MalformedMessage(f"attribute length {alen} at {off} overruns {n}")
+        if atype & NLA_TYPE_MASK == CTA_PROTOINFO_TCP:
+            tcp_end = off + alen
+            break
+        off += (alen + 3) & ~3
+    if not tcp_end:
         return p
-    b = bytearray(p)
-    for t, ps, pe, _, _ in iter_attrs(p, *tcp):
-        if t in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY) and pe - ps >= 2:
-            b[ps + 1] = b[ps]
-    return bytes(b)
+    off += 4
+    fix = None
+    while off + 4 <= tcp_end:
+        alen, atype = unpack(p, off)
+        if alen < 4 or off + alen > tcp_end:
+            raise MalformedMessage(f"attribute length {alen} at {off} overruns {tcp_end}")
+        t = atype & NLA_TYPE_MASK
+        if (t == CTA_PROTOINFO_TCP_FLAGS_ORIGINAL or t == CTA_PROTOINFO_TCP_FLAGS_REPLY) \
+                and alen >= 6 and p[off + 4] != p[off + 5]:
+            if fix is None:
+                fix = bytearray(p)
+            fix[off + 5] = p[off + 4]
+        off += (alen + 3) & ~3
+    return p if fix is None else bytes(fix)

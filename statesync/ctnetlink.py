@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -38,7 +39,7 @@ from .ctmsg import (  # noqa: F401  (re-exported)
 )
 
 __all__ = [
-    "CtSocket", "Overrun", "ApplyResult", "CtEvent", "CtEntry", "MalformedMessage", "entered_netns",
+    "CtSocket", "Overrun", "ApplyResult", "FramedApply", "CtEvent", "CtEntry", "MalformedMessage", "entered_netns",
     "EV_NEW", "EV_UPDATE", "EV_DESTROY",
     "to_create_message", "to_update_message", "to_delete_message", "tuple_info", "key_of",
     "decode_entry", "encode_entry", "synthetic_entries", "encode_expectation", "expectation_key",
@@ -82,6 +83,21 @@ class ApplyResult:
         return self
 
 
+@dataclass(slots=True)
+class FramedApply:
+    """`CtSocket.frame_apply`'s output, for `send_framed`."""
+
+    chunks: list[tuple[bytes, int]]  # (~SEND_BATCH bytes of requests, how many)
+    seq0: int  # sequence number of the first request
+    others: list[tuple[int, bytes] | None]  # per request: (family, the other form) or None
+    likely_new: bool  # first form was create (retry update on EEXIST), else the reverse
+    malformed: int  # entries that did not prepare (counted as EINVAL when sent)
+
+    @property
+    def count(self) -> int:
+        return len(self.others)
+
+
 class CtSocket:
     """One ctnetlink socket in the current network namespace."""
 
@@ -100,11 +116,18 @@ class CtSocket:
         self.groups = groups
         self.portid = self.sock.getsockname()[0]
         self._seq = 1
+        self._seq_lock = threading.Lock()
         self.malformed = 0  # messages from the kernel that did not parse (dropped)
 
     @classmethod
-    def events(cls, rcvbuf: int = 32 << 20) -> "CtSocket":
-        """Subscribed to new/update/destroy. NETLINK_NO_ENOBUFS stays off: overruns must surface."""
+    def events(cls, rcvbuf: int = 64 << 20) -> "CtSocket":
+        """Subscribed to new/update/destroy. NETLINK_NO_ENOBUFS stays off: overruns must surface.
+
+        A queued event costs ~0.6 KiB of receive buffer (skb truesize): 32 MiB held ~50k and
+        overran now and then in a 200k burst injected at ~100k/s (a dump and a resync then
+        cost seconds); 64 MiB holds ~100k, which a running service has not overrun in the
+        bench. Memory is only taken while events wait. (A stopped service still overruns:
+        tests/lab/test_sync_stress.py freezes it through 200k.)"""
         return cls(groups=CT_EVENT_GROUPS, rcvbuf=rcvbuf)
 
     @classmethod
@@ -126,8 +149,10 @@ class CtSocket:
         self.close()
 
     def _next_seq(self, n: int = 1) -> int:
-        seq = self._seq
-        self._seq = (self._seq + n) & 0xFFFFFFFF or 1
+        """Reserve n sequence numbers (a Backup frames in one thread and sends in another)."""
+        with self._seq_lock:
+            seq = self._seq
+            self._seq = (self._seq + n) & 0xFFFFFFFF or 1
         return seq
 
     # --- events ----------------------------------------------------------------------
@@ -210,12 +235,14 @@ class CtSocket:
 
     def apply_expectations(self, entries: Iterable[tuple[int, bytes]]) -> ApplyResult:
         """Create-or-refresh expectations captured elsewhere (their masters must exist here)."""
+        entries = entries if isinstance(entries, list) else list(entries)
+        seq0 = self._next_seq(len(entries) + 1)
+
         def messages():
-            seq = self._seq
+            seq = seq0
             for family, attrs in entries:
                 yield to_expectation_create_message(family, attrs, seq)
-                seq = (seq + 1) & 0xFFFFFFFF or 1
-            self._seq = seq
+                seq = (seq + 1) & 0xFFFFFFFF
 
         return self.send_batched(messages())
 
@@ -233,40 +260,71 @@ class CtSocket:
         or the update form (e.g. UPDATE events), and the entries answered EEXIST /
         ENOENT go again in the other form. Errors are counted after the retry.
         """
-        first: list[bytes] = []  # bodies for pass 1
-        flags1: list[int] = []
-        second: list[bytes | None] = []  # bodies for pass 2 (None: no second form)
-        families: list[int] = []
-        result = ApplyResult()
+        return self.send_framed(self.frame_apply(entries, likely_new))
+
+    def frame_apply(self, entries: Iterable[tuple[int, bytes]], likely_new: bool = True) -> "FramedApply":
+        """The Python half of `apply`: prepare and frame every request, no I/O (a caller may
+        frame the next batch in one thread while another thread sends this one)."""
+        entries = entries if isinstance(entries, list) else list(entries)
+        seq0 = seq = self._next_seq(len(entries) + 1)
+        hdr = NFGEN_HDR.pack
+        excl_flags = CREATE_EXCL_FLAGS if likely_new else UPDATE_FLAGS
+        others: list[tuple[int, bytes] | None] = []  # per request: (family, other form) or None
+        chunks: list[tuple[bytes, int]] = []
+        batch: list[bytes] = []  # header and body as separate pieces, one join per ~SEND_BATCH
+        size = 0
+        malformed = 0
         for family, attrs in entries:
             try:
                 create, update = prepare(attrs)
             except MalformedMessage:
-                result.sent += 1
-                result.errors[errno.EINVAL] += 1
+                malformed += 1
                 continue
-            families.append(family)
             if update is None:
-                first.append(create)
-                flags1.append(CREATE_FLAGS)
-                second.append(None)
+                body, flags = create, CREATE_FLAGS
+                others.append(None)
             elif likely_new:
-                first.append(create)
-                flags1.append(CREATE_EXCL_FLAGS)
-                second.append(update)
+                body, flags = create, excl_flags
+                others.append((family, update))
             else:
-                first.append(update)
-                flags1.append(UPDATE_FLAGS)
-                second.append(create)
-        retry_errno = {CREATE_EXCL_FLAGS: errno.EEXIST, UPDATE_FLAGS: errno.ENOENT}
-        failed = self._send_indexed(
-            [(families[i], flags1[i], first[i]) for i in range(len(first))], result)
+                body, flags = update, excl_flags
+                others.append((family, create))
+            batch.append(hdr(NFGEN_HDR_LEN + len(body), CT_NEW, flags, seq, 0, family, 0, 0))
+            batch.append(body)
+            seq = (seq + 1) & 0xFFFFFFFF
+            size += NFGEN_HDR_LEN + len(body)
+            if size >= SEND_BATCH:
+                chunks.append((b"".join(batch), len(batch) >> 1))
+                batch.clear()
+                size = 0
+        if batch:
+            chunks.append((b"".join(batch), len(batch) >> 1))
+        return FramedApply(chunks, seq0, others, likely_new, malformed)
+
+    def send_framed(self, framed: "FramedApply") -> ApplyResult:
+        """The I/O half of `apply`: send the framed requests, retry NATed/related entries in
+        their other form on EEXIST / ENOENT, count errors."""
+        result = ApplyResult()
+        if framed.malformed:
+            result.sent += framed.malformed
+            result.errors[errno.EINVAL] += framed.malformed
+        failures: list[tuple[int, int]] = []
+        for data, count in framed.chunks:
+            self._send_and_drain(data, count, result, failures)
+        if framed.likely_new:
+            retry_err, second_flags = errno.EEXIST, UPDATE_FLAGS
+        else:
+            retry_err, second_flags = errno.ENOENT, CREATE_EXCL_FLAGS
+        seq0, others = framed.seq0, framed.others
+        n = len(others)
         again = []
-        for i, err in failed:
-            if second[i] is not None and retry_errno.get(flags1[i]) == err:
-                # the other form: create <-> update
-                again.append((families[i], UPDATE_FLAGS if flags1[i] != UPDATE_FLAGS else CREATE_EXCL_FLAGS,
-                              second[i]))
+        for s, err in failures:
+            i = (s - seq0) & 0xFFFFFFFF
+            if i >= n:
+                continue  # not one of ours (a late reply to an earlier request)
+            other = others[i]
+            if other is not None and err == retry_err:
+                again.append((other[0], second_flags, other[1]))  # the other form: create <-> update
             else:
                 result.errors[err] += 1
         if again:
@@ -297,14 +355,15 @@ class CtSocket:
         """Delete by key (orig tuple [+ zone] attribute bytes). AF_UNSPEC: the family is read
         from the key's address attribute. ENOENT counts entries already gone."""
         hdr = NFGEN_HDR.pack
+        keys = keys if isinstance(keys, list) else list(keys)
+        seq0 = self._next_seq(len(keys) + 1)
 
         def messages():
-            seq = self._seq
+            seq = seq0
             for key in keys:
                 fam = family or _family_of_key(key)
                 yield hdr(NFGEN_HDR_LEN + len(key), CT_DELETE, NLM_F_REQUEST, seq, 0, fam, 0, 0) + key
-                seq = (seq + 1) & 0xFFFFFFFF or 1
-            self._seq = seq
+                seq = (seq + 1) & 0xFFFFFFFF
 
         return self.send_batched(messages())
 
@@ -345,6 +404,13 @@ class CtSocket:
                 size = count = 0
         if batch:
             self._send_and_drain(b"".join(batch), count, result, failures)
+        return result
+
+    def send_prepared(self, data: bytes, count: int) -> ApplyResult:
+        """Send `count` requests encoded beforehand (one buffer, at most a few SEND_BATCH) and
+        count the error replies: for injectors that must not spend time encoding."""
+        result = ApplyResult()
+        self._send_and_drain(data, count, result, None)
         return result
 
     def _send_and_drain(self, data: bytes, count: int, result: ApplyResult, failures: list | None) -> None:

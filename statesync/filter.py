@@ -12,7 +12,24 @@ import ipaddress
 import struct
 from typing import Iterable
 
+from .ctconst import (
+    CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_PROTO_NUM, CTA_TUPLE_IP,
+    CTA_TUPLE_PROTO, NLA_F_NESTED, NLA_HDR,
+)
 from .ctmsg import MalformedMessage, tuple_info
+
+# The kernel lays a key out the same way every time: CTA_TUPLE_IP{src, dst} then
+# CTA_TUPLE_PROTO{num, ...}. Per address length, the header bytes to check, so the Master
+# reads (proto, src, dst) with slices instead of an attribute walk; anything else walks.
+_IP_SHAPES = {
+    (NLA_HDR.pack(4 + 2 * (4 + L), CTA_TUPLE_IP | NLA_F_NESTED)
+     + NLA_HDR.pack(4 + L, CTA_IP_V4_SRC if L == 4 else CTA_IP_V6_SRC)):
+        (L, NLA_HDR.pack(4 + L, CTA_IP_V4_DST if L == 4 else CTA_IP_V6_DST))
+    for L in (4, 16)
+}
+_PROTO_TYPE = NLA_HDR.pack(0, CTA_TUPLE_PROTO | NLA_F_NESTED)[2:]  # type half of the header
+_NUM_HDR = NLA_HDR.pack(5, CTA_PROTO_NUM)
+
 
 PROTOCOLS = {
     "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "esp": 50, "ah": 51,
@@ -56,11 +73,15 @@ class EntryFilter:
         return cls(nets, cfg.sync.ignore_protocols)
 
     def accepts(self, key: bytes) -> bool:
-        try:
-            proto, src, dst, _sport, _dport = tuple_info(key)
-        except (MalformedMessage, ValueError, IndexError, struct.error):  # unreadable: not ours to send
-            self.malformed += 1
-            return False
+        fields = _fast_fields(key)
+        if fields is None:
+            try:
+                proto, src, dst, _sport, _dport = tuple_info(key)
+            except (MalformedMessage, ValueError, IndexError, struct.error):  # unreadable: not ours to send
+                self.malformed += 1
+                return False
+        else:
+            proto, src, dst = fields
         if proto in self._protocols or self._in_ignored(src) or self._in_ignored(dst):
             self.ignored += 1
             return False
@@ -79,3 +100,15 @@ class EntryFilter:
     def select(self, events: Iterable) -> list:
         accepts = self.accepts
         return [ev for ev in events if accepts(ev.key)]
+
+
+def _fast_fields(key: bytes) -> tuple[int, bytes, bytes] | None:
+    """(proto, src, dst) of a key in the kernel's layout, else None (the caller walks it)."""
+    shape = _IP_SHAPES.get(key[4:12])
+    if shape is None:
+        return None
+    L, dst_hdr = shape
+    if (not 25 + 2 * L <= NLA_HDR.unpack_from(key)[0] <= len(key) or key[12 + L:16 + L] != dst_hdr
+            or key[18 + 2 * L:20 + 2 * L] != _PROTO_TYPE or key[20 + 2 * L:24 + 2 * L] != _NUM_HDR):
+        return None
+    return key[24 + 2 * L], key[12:12 + L], key[16 + L:16 + 2 * L]

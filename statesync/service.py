@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -41,7 +43,7 @@ from . import control, keys, protocol, wire
 from .channel import Channel
 from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
-from .ctnetlink import EV_DESTROY, CtSocket, Overrun
+from .ctnetlink import EV_DESTROY, CtSocket, FramedApply, Overrun
 from .filter import EntryFilter
 
 log = logging.getLogger("hasync.sync")
@@ -49,6 +51,47 @@ log = logging.getLogger("hasync.sync")
 CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
+
+
+class KernelWriter:
+    """The Backup's kernel writes, in a thread of their own and strictly in order.
+
+    The kernel's work for a batch (inside send(), which releases the GIL) then overlaps the
+    decoding of the next frames in the loop's thread: on 2 cores the Backup keeps up with a
+    faster Master. The queue is short (2 jobs: enough to overlap), so a Backup that cannot
+    keep up pushes back on its loop (and through the protocol's window on the Master)
+    instead of growing.
+    """
+
+    def __init__(self, maxsize: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize)
+        self._thread = threading.Thread(target=self._run, name="sync-kernel-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> None:
+        self._jobs.put((fn, args))
+
+    def wait_idle(self) -> None:
+        """Return once every job submitted so far is done (before anything else uses the table)."""
+        self._jobs.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                fn, args = job
+                try:
+                    fn(*args)
+                except Exception:  # a broken batch must not end the Backup's writes
+                    log.exception("kernel write failed")
+            finally:
+                self._jobs.task_done()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
 
 
 def ha_link_address(ifname: str, peer_network) -> str:
@@ -90,7 +133,8 @@ class SyncService:
             peer_public_key=keys.check_z85(cfg.sync.peer_public_key, "sync.peer_public_key"),
             hello=wire.Hello(hasync.__version__, cfg.hostname, "backup", uuid.uuid4().hex),
         )
-        self.ct = CtSocket()  # apply / delete / purge dumps
+        self.ct = CtSocket()  # apply / delete / purge dumps: used by the writer thread, or after wait_idle()
+        self.writer = KernelWriter()
         self.events: CtSocket | None = None
         self.sender: protocol.Sender | None = None
         self.receiver = protocol.Receiver()
@@ -128,6 +172,7 @@ class SyncService:
             return {"role": role}
         now = time.monotonic()
         committed = 0
+        self.writer.wait_idle()  # what the old Master sent is in our table before anything else
         if role == "master":
             if self.mode == "cache" and self.cache:
                 committed = self._commit_cache()
@@ -334,8 +379,12 @@ class SyncService:
             return
         upserts = [(family, attrs) for op, family, attrs in merged.values() if op == wire.OP_UPSERT]
         deletes = [key for key, (op, _f, _a) in merged.items() if op == wire.OP_DELETE]
-        if upserts:
-            res = self.ct.apply(upserts)
+        # framed here (Python work), sent by the writer (kernel work): the two overlap
+        self.writer.submit(self._write_kernel, self.ct.frame_apply(upserts) if upserts else None, deletes)
+
+    def _write_kernel(self, upserts: FramedApply | None, deletes: list) -> None:  # in the writer thread
+        if upserts is not None:
+            res = self.ct.send_framed(upserts)
             self.entries_applied += res.ok
             self._count_errors(res, ignore=())
         if deletes:
@@ -348,6 +397,9 @@ class SyncService:
             for key in [k for k in self.cache if k not in keep]:
                 del self.cache[key]
             return
+        self.writer.submit(self._purge_kernel, keep)  # after the writes queued before it
+
+    def _purge_kernel(self, keep: frozenset[bytes]) -> None:  # in the writer thread
         accepts = self.filter.accepts
         stale = [ev.key for ev in self.ct.dump() if ev.key not in keep and accepts(ev.key)]
         if stale:
@@ -420,6 +472,7 @@ class SyncService:
                 del self._conns[fd]
 
     def close(self) -> None:
+        self.writer.close()
         self._stop_master()
         for conn in self._conns.values():
             conn.close()
