@@ -111,19 +111,18 @@ class Contender(Protocol):
 class HasyncPair:
     interval_ms: float = LAB_DEFAULT_INTERVAL_MS
     dead_count: int = 3
-    realtime_priority: int = 0
+    realtime_priority: int = 50  # the lab's default (SCHED_FIFO heartbeats); 0: normal class
     lab_default: bool = False  # label it as the lab's default configuration
     kind: str = "hasync"
 
     @property
     def label(self) -> str:
-        rt = f" rt{self.realtime_priority}" if self.realtime_priority else ""
+        rt = f" rt{self.realtime_priority}" if self.realtime_priority else " normal class"
         return f"hasync {self.interval_ms:g}ms{' (default)' if self.lab_default else ''}{rt}"
 
     def up(self, name: str) -> Lab:
-        overrides: dict[str, Any] = {"heartbeat_interval_ms": self.interval_ms, "dead_count": self.dead_count}
-        if self.realtime_priority:
-            overrides["realtime_priority"] = self.realtime_priority
+        overrides: dict[str, Any] = {"heartbeat_interval_ms": self.interval_ms, "dead_count": self.dead_count,
+                                     "realtime_priority": self.realtime_priority}
         return commands.up(name, owner_pid=os.getpid(), **overrides)
 
     def steady(self, lab: Lab) -> bool:
@@ -459,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-ms", type=int, default=10,
                    help="keepalived advert_int and the equal-interval hasync (>= 10: VRRPv3 counts centiseconds)")
     p.add_argument("--hog-seconds", type=float, default=0, help="CPU-hog false-failover test length (0: skip)")
-    p.add_argument("--no-realtime", action="store_true", help="hog test: skip hasync with realtime_priority=50")
+    p.add_argument("--hog-daemons", default="default,normal,keepalived",
+                   help="hog test contenders: default (hasync 5 ms, SCHED_FIFO 50 as in the lab), "
+                        "normal (the same in the normal scheduling class), keepalived")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
     p.add_argument("--daemons", default="keepalived,hasync,default",
                    help="subset of keepalived (at --interval-ms), hasync (same interval), default (hasync 5 ms)")
@@ -481,10 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(results, scenarios)
     hog_rows: list[dict[str, Any]] = []
     if args.hog_seconds > 0:
-        hog_pairs: list[Contender] = [HasyncPair(LAB_DEFAULT_INTERVAL_MS, lab_default=True)]
-        if not args.no_realtime:
-            hog_pairs.append(HasyncPair(LAB_DEFAULT_INTERVAL_MS, lab_default=True, realtime_priority=50))
-        hog_pairs.append(KeepalivedPair(args.interval_ms))
+        available: dict[str, Contender] = {
+            "default": HasyncPair(LAB_DEFAULT_INTERVAL_MS, lab_default=True),
+            "normal": HasyncPair(LAB_DEFAULT_INTERVAL_MS, lab_default=True, realtime_priority=0),
+            "keepalived": KeepalivedPair(args.interval_ms),
+        }
+        hog_pairs = [available[name] for name in args.hog_daemons.split(",") if name]
         hog_rows = [measure_hog(c, args.hog_seconds, say) for c in hog_pairs]
 
     if rows:
