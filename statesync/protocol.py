@@ -19,6 +19,11 @@ Differences, chosen on purpose:
   changes staged after the resync started win over snapshot records of the same
   key), RESYNC_END(id, snapshot_count). The receiver keeps the set of keys
   upserted since BEGIN; at END, entries it holds outside that set are purged.
+  What it "holds" is tracked here too (`Receiver.held`: keys written by
+  replication), so the purge needs no dump of the table: a dump of a nearly empty
+  table walks the whole shared conntrack hash in one recv() and stalls a CPU for
+  ~15 ms, long enough for the failover daemons to declare their peer lost. It
+  also spares the Backup's own connections, which the Master never sends.
 
        stream seq:  1     2      3 ...      k          k+1 ...
       Sender ----> DATA  DATA  RESYNC_BEGIN  DATA(snap|live)...  RESYNC_END
@@ -308,9 +313,12 @@ class Sender:
 @dataclass(frozen=True, slots=True)
 class Apply:
     """Write these records (op, family, key, attrs) into the table, in order.
-    A frame never holds two records of one key, so upserts and deletes may be split."""
+    A frame never holds two records of one key, so upserts and deletes may be split.
+    `reseat`: the records belong to a re-seating resync (`Receiver.reseat_next_resync`):
+    existing entries must be deleted and created afresh, not updated."""
 
     records: tuple[wire.Record, ...]
+    reseat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,10 +346,12 @@ class RequestResync:
 
 @dataclass(frozen=True, slots=True)
 class Purge:
-    """The resync is complete: delete every entry held locally whose key is not in `keep`."""
+    """The resync is complete: delete the `stale` entries (held locally, not in the
+    snapshot). `keep` is what the resync wrote (a cache-mode Backup filters by it)."""
 
     resync_id: int
     keep: frozenset[bytes]
+    stale: frozenset[bytes] = frozenset()
 
 
 @dataclass
@@ -361,7 +371,13 @@ class ReceiverCounters:
 
 @dataclass
 class Receiver:
-    """Backup side: frames in, actions out. Call `reset()` when the peer changes."""
+    """Backup side: frames in, actions out. Call `reset()` when the peer changes.
+
+    `held` is the set of keys the local table holds from replication: applied upserts
+    add, deletes remove, a purge removes its stale keys. It outlives `reset()` (the
+    table does). The owner seeds it (a dump at start-up, before the node joins) and
+    adds what it creates itself while Master, so a later purge finds those too.
+    """
 
     ack_every: int = 8  # stream frames between ACKs (KEEPALIVE and RESYNC_END always ACK)
     nack_retry: float = 0.25  # seconds before the same NACK is sent again
@@ -370,7 +386,10 @@ class Receiver:
     expected: int | None = None  # next stream seq to apply; None until a RESYNC_BEGIN
     in_resync: int | None = None  # id of the resync being received
     last_resync_done: int | None = None
+    held: set[bytes] = field(default_factory=set)
+    reseat_pending: bool = False  # the next complete resync re-creates entries (see Apply.reseat)
     _keep: set[bytes] = field(default_factory=set)
+    _reseating: bool = False
     _snapshot_seen: int = 0
     _unacked: int = 0
     _nacked: tuple[int, float] | None = None
@@ -380,6 +399,7 @@ class Receiver:
         self.expected = None
         self.in_resync = None
         self._keep = set()
+        self._reseating = False
         self._unacked = 0
         self._nacked = None
         self._resync_asked = float("-inf")
@@ -400,6 +420,10 @@ class Receiver:
     def on_frame(self, frame: Frame, now: float) -> list:
         self.counters.frames_in += 1
         return self._on_frame(frame, now)
+
+    def reseat_next_resync(self) -> None:
+        """Mark the resyncs from now until one completes as re-seating (we were Master)."""
+        self.reseat_pending = True
 
     def ask_resync(self, now: float) -> list:
         """An explicit resync request (start, connect, operator)."""
@@ -442,23 +466,33 @@ class Receiver:
 
     def _on_data(self, frame: Frame) -> Apply:
         records = frame.payload
+        held = self.held
         if self.in_resync is not None:
             keep = self._keep
             for op, _family, key, _attrs in records:
                 if op == OP_UPSERT:
                     keep.add(key)
+                    held.add(key)
                 else:
                     keep.discard(key)
+                    held.discard(key)
             if frame.flags & FLAG_SNAPSHOT:
                 self._snapshot_seen += len(records)
+        else:
+            for op, _family, key, _attrs in records:
+                if op == OP_UPSERT:
+                    held.add(key)
+                else:
+                    held.discard(key)
         self.counters.records_applied += len(records)
-        return Apply(records)
+        return Apply(records, self._reseating)
 
     def _on_resync_begin(self, seq: int, resync_id: int) -> list:
         self.counters.resyncs += 1
         self.expected = seq + 1
         self.in_resync = resync_id
         self._keep = set()
+        self._reseating = self.reseat_pending
         self._snapshot_seen = 0
         self._nacked = None
         self._unacked = 0
@@ -475,11 +509,17 @@ class Receiver:
             self.counters.resync_count_mismatch += 1
             self.in_resync = None
             self._keep = set()
+            self._reseating = False  # reseat_pending stays: the next resync re-seats
             return self.ask_resync(now)
-        actions.append(Purge(resync_id, frozenset(self._keep)))
+        keep = frozenset(self._keep)
+        stale = frozenset(self.held - keep)
+        self.held -= stale
+        actions.append(Purge(resync_id, keep, stale))
         self.in_resync = None
         self.last_resync_done = resync_id
         self._keep = set()
+        if self._reseating:
+            self._reseating = self.reseat_pending = False
         return actions
 
     def _on_keepalive(self, last_seq: int, now: float) -> list:

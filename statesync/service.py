@@ -7,6 +7,13 @@ Master: ctnetlink events -> EntryFilter -> Sender -> Channel. An event overrun
 Backup: Channel -> Receiver -> the kernel (mode "kernel": CtSocket.apply/delete at
 once) or a dict (mode "cache": committed into the kernel when we become Master).
 
+Dumps are rare on purpose: one conntrack dump of a (nearly) empty table walks the
+whole hash, shared by all namespaces, in one recv() and stalls a CPU for ~15 ms on a
+non-preemptible kernel, which the failover daemons' 5 ms heartbeats notice. So the
+Backup purges from the keys it knows it holds (Receiver.held, seeded by one dump at
+start-up) and re-seats TCP entries from the new Master's resync, not from a dump:
+a switchover costs one dump, the new Master's snapshot. `dumps` in status counts them.
+
 Loop prevention: the direction follows the role. Only the Master reads events and
 only the Backup writes entries, so nothing a node injected is ever sent back; no
 origin mark is needed (conntrack-tools needs one because its nodes may both send).
@@ -43,7 +50,7 @@ from . import control, keys, protocol, wire
 from .channel import Channel
 from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
-from .ctnetlink import EV_DESTROY, CtSocket, FramedApply, Overrun
+from .ctnetlink import EV_DESTROY, CtSocket, FramedApply, Overrun, is_tcp_key
 from .filter import EntryFilter
 
 log = logging.getLogger("hasync.sync")
@@ -156,6 +163,7 @@ class SyncService:
         self.overruns = 0
         self.errors: Counter = Counter()  # errno name / reason -> count
         self.frames_ignored_role = 0
+        self.dumps = 0  # conntrack table dumps done (each stalls a CPU: see the module doc)
         self.last_resync: dict[str, Any] | None = None
         self._resync_started: float | None = None
         self._snap_base = 0
@@ -163,7 +171,16 @@ class SyncService:
         self._sent_before = 0  # records counted from Senders of earlier master terms
         self._applied_ok = 0
         self.running = True
+        if self.mode == "kernel":
+            self._seed_held()
         self.set_role(role)
+
+    def _seed_held(self) -> None:
+        """Entries left from before a (re)start must be purged by the first resync like any
+        other stale one: hold them from one dump now, before the node joins its peer."""
+        accepts = self.filter.accepts
+        self.dumps += 1
+        self.receiver.held.update(ev.key for ev in self.ct.dump() if accepts(ev.key))
 
     # ---- control commands (statesync.control) -----------------------------------------
 
@@ -185,9 +202,10 @@ class SyncService:
         else:
             was_master = self.role == "master"
             self._stop_master()
-            if was_master:
-                # our sequence windows are stale from now on: see CtSocket.reseat_tcp
-                log.info("re-seated %d TCP entries for the Backup role", self.ct.reseat_tcp())
+            if was_master and self.mode == "kernel":
+                # our sequence windows are stale from now on: the next resync re-creates
+                # our TCP entries instead of updating them (see CtSocket.reseat)
+                self.receiver.reseat_next_resync()
             self.receiver.reset()
             self._unsynced_since = now
             if self.channel.connected:
@@ -250,6 +268,8 @@ class SyncService:
             "sender": vars(self.sender.counters).copy() if self.sender else None,
             "filter": {"ignored": self.filter.ignored, "malformed": self.filter.malformed},
             "frames_ignored_role": self.frames_ignored_role,
+            "dumps": self.dumps,
+            "held": len(self.receiver.held),
         }
 
     # ---- the loop ----------------------------------------------------------------------
@@ -297,7 +317,19 @@ class SyncService:
             self._start_resync(now)
             return
         if events and self.sender is not None:
-            self.sender.on_events(self.filter.select(events))
+            selected = self.filter.select(events)
+            self._hold_local(selected)
+            self.sender.on_events(selected)
+
+    def _hold_local(self, events: list) -> None:
+        """As Master our own table grows from traffic: hold those keys as if replicated, so
+        that a purge after we are Backup again removes the ones the new Master lacks."""
+        held = self.receiver.held
+        for ev in events:
+            if ev.kind == EV_DESTROY:
+                held.discard(ev.key)
+            else:
+                held.add(ev.key)
 
     def _drain_events(self) -> None:
         """Empty the event queue before the dump starts. After an overrun the kernel keeps
@@ -348,16 +380,17 @@ class SyncService:
 
     def _backup_actions(self, actions: list, now: float) -> None:
         # coalesce consecutive Apply batches: per key only the last record matters
-        merged: dict[bytes, tuple[int, int, bytes]] = {}
+        merged: dict[bytes, tuple[int, int, bytes, bool]] = {}
         for act in actions:
             if isinstance(act, protocol.Apply):
+                reseat = act.reseat
                 for op, family, key, attrs in act.records:
                     merged.pop(key, None)
-                    merged[key] = (op, family, attrs)
+                    merged[key] = (op, family, attrs, reseat)
             elif isinstance(act, protocol.Purge):
                 self._write(merged)
                 merged = {}
-                self._purge(act.keep)
+                self._purge(act)
                 self._unsynced_since = None
                 self.last_resync = {"at": time.time(), "id": act.resync_id, "entries": len(act.keep)}
             else:
@@ -366,25 +399,29 @@ class SyncService:
         if self.receiver.synced:
             self._unsynced_since = None
 
-    def _write(self, merged: dict[bytes, tuple[int, int, bytes]]) -> None:
+    def _write(self, merged: dict[bytes, tuple[int, int, bytes, bool]]) -> None:
         if not merged:
             return
         if self.mode == "cache":
-            for key, (op, family, attrs) in merged.items():
+            for key, (op, family, attrs, _reseat) in merged.items():
                 if op == wire.OP_UPSERT:
                     self.cache[key] = (family, attrs)
                 else:
                     self.cache.pop(key, None)
             self.entries_applied += len(merged)
             return
-        upserts = [(family, attrs) for op, family, attrs in merged.values() if op == wire.OP_UPSERT]
-        deletes = [key for key, (op, _f, _a) in merged.items() if op == wire.OP_DELETE]
+        upserts = [(family, attrs) for op, family, attrs, _r in merged.values() if op == wire.OP_UPSERT]
+        deletes = [key for key, (op, _f, _a, _r) in merged.items() if op == wire.OP_DELETE]
+        reseats = [key for key, (op, _f, _a, reseat) in merged.items()
+                   if reseat and op == wire.OP_UPSERT and is_tcp_key(key)]
         # framed here (Python work), sent by the writer (kernel work): the two overlap
-        self.writer.submit(self._write_kernel, self.ct.frame_apply(upserts) if upserts else None, deletes)
+        self.writer.submit(self._write_kernel, self.ct.frame_apply(upserts) if upserts else None, deletes,
+                           reseats)
 
-    def _write_kernel(self, upserts: FramedApply | None, deletes: list) -> None:  # in the writer thread
+    def _write_kernel(self, upserts: FramedApply | None, deletes: list, reseats: list) -> None:
+        # in the writer thread; `reseats`: TCP keys of `upserts` to re-create (CtSocket.reseat)
         if upserts is not None:
-            res = self.ct.send_framed(upserts)
+            res = self.ct.reseat(reseats, upserts) if reseats else self.ct.send_framed(upserts)
             self.entries_applied += res.ok
             self._count_errors(res, ignore=())
         if deletes:
@@ -392,20 +429,20 @@ class SyncService:
             self.entries_applied += res.ok
             self._count_errors(res, ignore=(2,))  # ENOENT: already gone (timed out here)
 
-    def _purge(self, keep: frozenset[bytes]) -> None:
+    def _purge(self, purge: protocol.Purge) -> None:
         if self.mode == "cache":
+            keep = purge.keep
             for key in [k for k in self.cache if k not in keep]:
                 del self.cache[key]
             return
-        self.writer.submit(self._purge_kernel, keep)  # after the writes queued before it
+        # no dump: the receiver knows what we hold (after the writes queued before it)
+        self.writer.submit(self._purge_kernel, len(purge.keep), list(purge.stale))
 
-    def _purge_kernel(self, keep: frozenset[bytes]) -> None:  # in the writer thread
-        accepts = self.filter.accepts
-        stale = [ev.key for ev in self.ct.dump() if ev.key not in keep and accepts(ev.key)]
+    def _purge_kernel(self, kept: int, stale: list[bytes]) -> None:  # in the writer thread
         if stale:
             res = self.ct.delete(stale)
-            self._count_errors(res, ignore=(2,))
-        log.info("resync complete: %d entries, %d stale ones purged", len(keep), len(stale))
+            self._count_errors(res, ignore=(2,))  # ENOENT: timed out here meanwhile
+        log.info("resync complete: %d entries, %d stale ones purged", kept, len(stale))
 
     def _commit_cache(self) -> int:
         res = self.ct.apply(list(self.cache.values()))
@@ -423,10 +460,13 @@ class SyncService:
     def _snapshot(self) -> Iterator[tuple[int, bytes, bytes]]:
         """A dump on its own socket, read lazily as the window lets the snapshot flow."""
         sock = CtSocket()
+        self.dumps += 1
         try:
             accepts = self.filter.accepts
+            held = self.receiver.held
             for ev in sock.dump():
                 if accepts(ev.key):
+                    held.add(ev.key)  # what we send, we hold (see _hold_local)
                     yield ev.family, ev.key, ev.attrs
         finally:
             sock.close()

@@ -190,9 +190,23 @@ def _failback_and_switchovers(lab) -> None:
     commands.wait_until(lab, lambda s: s == STEADY, 20)  # preempts once its table is resynced
     time.sleep(1.5)
     for fw, expected in (("fw1", {"fw1": "BACKUP", "fw2": "MASTER"}), ("fw2", STEADY)):
+        before = sync_dumps(lab)
         assert nsctl.ask(lab, fw, "switchover")["ok"]
         commands.wait_until(lab, lambda s: s == expected, 10)
         time.sleep(1.5)
+        # a dump stalls a CPU (~15 ms): a switchover may cost one, the new Master's snapshot
+        after = sync_dumps(lab)
+        assert sum(after.values()) - sum(before.values()) <= 1, (before, after)
+
+
+def sync_dumps(lab) -> dict:
+    """Conntrack dumps each node's sync service did so far."""
+    out = {}
+    for fw in ("fw1", "fw2"):
+        sync = (nsctl.try_status(lab, fw) or {}).get("sync") or {}
+        assert "dumps" in sync, (fw, sync)
+        out[fw] = sync["dumps"]
+    return out
 
 
 def test_sessions_survive_failback_and_switchovers(synced):

@@ -174,6 +174,45 @@ def test_receiver_full_resync_purges_what_the_snapshot_lacks():
     assert r.synced and r.counters.records_applied == 3
 
 
+def test_purge_is_what_we_hold_minus_the_snapshot():
+    r = Receiver()
+    r.held.update({b"old", b"a"})  # seeded (start-up dump) and written before the resync
+    acts = []
+    for buf in stream(
+        wire.Frame(wire.RESYNC_BEGIN, 1, 1),
+        wire.data_frame(2, [(1, V4, b"a", b"1"), (1, V4, b"n", b"1")], FLAG_SNAPSHOT),
+        wire.Frame(wire.RESYNC_END, 3, (1, 2)),
+        wire.data_frame(4, [(1, V4, b"live", b"1"), (2, V4, b"a", b"")]),
+    ):
+        acts += r.on_bytes(buf, 0.0)
+    purges = [a for a in acts if isinstance(a, Purge)]
+    assert purges == [Purge(1, frozenset({b"a", b"n"}), frozenset({b"old"}))]
+    assert r.held == {b"n", b"live"}  # live records after the resync count too
+    r.reset()  # a new peer: the table, and so what we hold, stays
+    assert r.held == {b"n", b"live"}
+
+
+def _resync(r, rid, seq, records, count=None):
+    frames = [wire.Frame(wire.RESYNC_BEGIN, seq, rid), wire.data_frame(seq + 1, records, FLAG_SNAPSHOT),
+              wire.Frame(wire.RESYNC_END, seq + 2, (rid, len(records) if count is None else count))]
+    return [a for buf in stream(*frames) for a in r.on_bytes(buf, 0.0)]
+
+
+def test_reseat_marks_the_next_complete_resync_only():
+    r = Receiver()
+    rec = [(1, V4, b"t", b"1")]
+    assert [a.reseat for a in _resync(r, 1, 1, rec) if isinstance(a, Apply)] == [False]
+    r.reseat_next_resync()
+    # a resync that ends wrong re-seats, and so does the one that replaces it
+    assert [a.reseat for a in _resync(r, 2, 4, rec, count=9) if isinstance(a, Apply)] == [True]
+    assert r.reseat_pending
+    assert [a.reseat for a in _resync(r, 3, 7, rec) if isinstance(a, Apply)] == [True]
+    assert not r.reseat_pending
+    live = r.on_bytes(wire.encode(wire.data_frame(10, rec)), 0.0)
+    assert [a.reseat for a in live if isinstance(a, Apply)] == [False]
+    assert [a.reseat for a in _resync(r, 4, 11, rec) if isinstance(a, Apply)] == [False]
+
+
 def test_receiver_gap_nack_and_replay_dedup():
     r = Receiver(ack_every=100)
     r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
@@ -228,11 +267,14 @@ class Link:
 class Pair:
     """Master kernel table -> Sender ~~link~~> Receiver -> Backup table, as service.py wires them."""
 
+    LOCAL = {b"local-sync-conn": b"own"}  # the Backup's own connection: never replicated, never purged
+
     def __init__(self, rng, loss=0.0, dup=0.0, reorder=0.0, backup_stale=()):
         self.master = {}
-        self.backup = dict(backup_stale)
+        self.backup = dict(backup_stale) | self.LOCAL
         self.sender = Sender(destroy_kind=EV_DESTROY, window_frames=3, max_batch_bytes=24, resend_timeout=0.3)
         self.receiver = Receiver(ack_every=2)
+        self.receiver.held.update(backup_stale)  # the service's start-up dump (filtered: no LOCAL)
         self.ab = Link(rng, loss, dup, reorder)
         self.ba = Link(rng, loss, dup, reorder)
         self.now = 0.0
@@ -267,9 +309,9 @@ class Pair:
                             self.backup[key] = attrs
                         else:
                             self.backup.pop(key, None)
-                elif isinstance(act, Purge):
-                    for key in [k for k in self.backup if k not in act.keep]:
-                        del self.backup[key]
+                elif isinstance(act, Purge):  # kernel mode: no dump, only what we hold
+                    for key in act.stale:
+                        self.backup.pop(key, None)
                 else:
                     self.ba.send(act.to_bytes())
         for buf in self.ba.deliver(perfect):
@@ -314,7 +356,8 @@ def test_lossy_link_converges(changes, seed, loss, dup, reorder, stale, forced_r
         if i % 3 == 0:
             pair.tick()
     assert pair.settle(), "did not settle on a clean link"
-    assert pair.backup == pair.master
+    assert pair.backup == pair.master | Pair.LOCAL
+    assert pair.receiver.held == set(pair.master)
 
 
 def test_clean_link_needs_no_resends():
@@ -323,7 +366,7 @@ def test_clean_link_needs_no_resends():
         pair.change(bytes([i % 50]), bytes([i % 7 + 1]))
         pair.tick(perfect=True)
     assert pair.settle()
-    assert pair.backup == pair.master
+    assert pair.backup == pair.master | Pair.LOCAL
     assert pair.sender.counters.frames_resent == 0 and pair.receiver.counters.gaps == 0
     assert pair.receiver.counters.resyncs == 1  # the initial one
 
