@@ -49,6 +49,9 @@ def check_hello(local: Hello, remote: Hello) -> str | None:
     return None
 
 
+LIVE_S = 3.0  # see Channel.live
+
+
 @dataclass
 class ChannelCounters:
     frames_in: int = 0
@@ -109,6 +112,7 @@ class Channel:
         self.hello_retry = hello_retry
         self.peer_desc = f"{peer_address}:{port}"
         self.counters = ChannelCounters()
+        self.last_frame_at = float("-inf")
         self.refused_reason: str | None = None  # why the pair is not established, if refused
         self.last_refusal: str | None = None
         self.peer: Hello | None = None  # the accepted peer HELLO
@@ -170,6 +174,12 @@ class Channel:
     def connected(self) -> bool:
         return self._established
 
+    def live(self, now: float) -> bool:
+        """Connected and heard from lately. The peer answers at least every keepalive
+        (1 s), so silence for LIVE_S means it is gone, long before the transport's own
+        liveness timeout, which is kept long so a lossy link is not torn down."""
+        return self._established and now - self.last_frame_at < LIVE_S
+
     def take_new_session(self) -> bool:
         """True once after each time the channel became established."""
         new, self._new_session = self._new_session, False
@@ -207,6 +217,7 @@ class Channel:
             except zmq.Again:
                 break
             self.counters.frames_in += 1
+            self.last_frame_at = now
             try:
                 frame = wire.decode(buf)
             except WireError as exc:

@@ -247,7 +247,7 @@ class SyncService:
         return {
             "pid": os.getpid(),
             "config": self.config.status(),
-            "connected": ch.connected,
+            "connected": ch.live(time.monotonic()),
             # a Backup holds the Master's whole table (a resync finished since it connected)
             "synced": ch.connected and (self.role == "master" or self.receiver.synced),
             "peer": ch.peer.hostname if ch.peer else None,
