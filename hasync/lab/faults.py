@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hasync.lab.process import LabCommandError, ip_batch, kill_now, kill_signal, pid_in_netns, run
+from hasync.lab.process import LabCommandError, freeze, ip_batch, kill_now, pid_in_netns, run
 from hasync.lab.state import FIREWALLS, Lab
 from hasync.lab.topology import firewall_interface_commands
 
@@ -76,18 +76,19 @@ def fail(lab: Lab, node: str, kind: str) -> None:
     """Inject fault `kind` (crash|poweroff|wan1|lan1|halink) on firewall `node` and record it."""
     _check(lab, node, kind)
     if kind in NODE_DOWN_KINDS:
-        # the node dies all at once: SIGKILL first (it runs no more code, so it cannot
-        # report its own links going down), then the links, and only then wait for the
-        # daemon to be reaped, which may take a while for some daemons
+        # the node dies all at once: its daemon frozen first (it runs no more code, so it
+        # cannot report its own links going down), at once the links that forward traffic,
+        # then the HA link silenced, and only then the daemon killed and reaped (which may
+        # take a while for some daemons)
         pid = lab.pids.pop(node, None)
         if pid and pid_in_netns(pid, lab.ns(node)):
-            kill_signal(pid)
+            freeze(pid)
         else:
             pid = None
-        if kind == "crash":
-            run(lab, node, ["nft", "-f", "-"], input=_silence_ruleset("lan2"))
         downed = [ifname for ifname in lab.addresses[node] if kind == "poweroff" or ifname != "lan2"]
         ip_batch([f"link set {ifname} down" for ifname in downed], netns=lab.ns(node))
+        if kind == "crash":
+            run(lab, node, ["nft", "-f", "-"], input=_silence_ruleset("lan2"))
         if pid:
             kill_now(pid)
     else:

@@ -143,18 +143,22 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
         time.sleep(0.005)
 
 
-def kill_signal(pid: int) -> None:
-    """SIGKILL `pid` and its process group, without waiting."""
-    _signal_group(pid, signal.SIGKILL)
+def freeze(pid: int) -> None:
+    """SIGSTOP `pid` and its process group: from now on it runs no code (a crash's first instant)."""
+    _signal_group(pid, signal.SIGSTOP)
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         pass
 
 
 def kill_now(pid: int) -> None:
     """SIGKILL `pid` and its process group (a crash: no clean-up handlers run), and reap."""
-    kill_signal(pid)
+    _signal_group(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     wait_exit(pid, 1.0)
     _wait_group_gone(pid, 1.0)
 
