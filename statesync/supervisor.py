@@ -22,6 +22,7 @@ from typing import Any
 from failover.actions import Transition
 from failover.machine import MASTER
 from hasync import control
+from hasync.child import ChildProcess
 from hasync.config import NodeConfig
 
 log = logging.getLogger("hasync.sync")
@@ -39,79 +40,51 @@ class SyncSupervisor:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
         self.socket = sync_socket_name(cfg)
-        self.proc: subprocess.Popen | None = None
-        self.restarts = 0
+        self.child = ChildProcess("sync service", self._argv(cfg), on_spawn=self._on_spawn)
         self._status: dict[str, Any] | None = None
         self._role = "backup"
         self._requests: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
-        self._reconfiguring = threading.Event()
-        self._threads: list[threading.Thread] = []
+
+    @staticmethod
+    def _argv(cfg: NodeConfig) -> list[str]:
+        # bulk work yields the CPU to heartbeats: a lower priority within the normal class
+        return ["nice", "-n", str(SYNC_NICE), sys.executable, "-m", "statesync.service",
+                "--config", str(cfg.path)]
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.child.proc
+
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts
 
     # ---- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        self._spawn()
-        for target in (self._keep_alive, self._worker):
-            t = threading.Thread(target=target, name=f"sync-{target.__name__}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.child.start()
+        threading.Thread(target=self._worker, name="sync-worker", daemon=True).start()
 
-    def _spawn(self) -> None:
-        # bulk work yields the CPU to heartbeats: a normal (not real-time) scheduling class, even
-        # when the failover process runs SCHED_FIFO, and a lower priority within it
-        argv = ["chrt", "--other", "0", "nice", "-n", str(SYNC_NICE),
-                sys.executable, "-m", "statesync.service", "--config", str(self.cfg.path)]
-        self.proc = subprocess.Popen(argv)
-        log.info("sync service started, pid %d", self.proc.pid)
-
-    def _keep_alive(self) -> None:
-        backoff = 0.2
-        while not self._stopping.is_set():
-            proc = self.proc
-            if proc is None:
-                return
-            code = proc.wait()
-            if self._stopping.is_set():
-                return
-            if self._reconfiguring.is_set():
-                self._reconfiguring.clear()
-                log.info("sync service restarting with the new configuration")
-                self._status = None
-                self._spawn()
-                self._requests.put(({"cmd": "role", "role": self._role}, None))
-                continue
-            log.error("sync service exited with %s; restarting in %.1f s", code, backoff)
-            self._status = None
-            if self._stopping.wait(backoff):
-                return
-            backoff = min(backoff * 2, 10.0)
-            self.restarts += 1
-            self._spawn()
-            self._requests.put(({"cmd": "role", "role": self._role}, None))
+    def _on_spawn(self) -> None:
+        # a new child knows nothing: forget the old one's status, hand it the current role
+        self._status = None
+        self._requests.put(({"cmd": "role", "role": self._role}, None))
 
     def reconfigure(self, cfg: NodeConfig) -> bool:
         """Take a reloaded config. A changed [sync] section restarts the child (the kernel
         keeps every entry meanwhile, and the new child resyncs); True if it did."""
         changed = cfg.sync != self.cfg.sync or cfg.path != self.cfg.path
         self.cfg = cfg
-        proc = self.proc
-        if changed and proc is not None and proc.poll() is None:
-            self._reconfiguring.set()
-            proc.terminate()
+        if changed:
+            self.child.argv = self._argv(cfg)
+            self.child.restart()
         return changed
 
     def stop(self) -> None:
         self._stopping.set()
         self._requests.put(None)
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.child.stop()
 
     # ---- talking to the child ---------------------------------------------------
 
@@ -139,7 +112,7 @@ class SyncSupervisor:
             if cmd == "role" and not reply.get("ok"):
                 # the child may still be starting: keep the role for its next answer
                 time.sleep(0.05)
-                if not self._stopping.is_set() and self.proc and self.proc.poll() is None:
+                if not self._stopping.is_set() and self.child.running():
                     self._requests.put((req, done))
                     continue
             if cmd == "status":
@@ -160,13 +133,13 @@ class SyncSupervisor:
     def status(self) -> dict[str, Any] | None:
         s = self._status
         if s is None:
-            return {"running": bool(self.proc and self.proc.poll() is None),
+            return {"running": self.child.running(),
                     "restarts": self.restarts, "connected": False}
         return {**s, "restarts": self.restarts, "running": True}
 
     def reasons(self) -> list[str]:
         s = self._status
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.child.running():
             return ["state sync service is not running"]
         if s is None:
             return ["state sync service is not answering yet"]
