@@ -122,7 +122,7 @@ def _bytes_sent(lab) -> int:
     return _sync_status(lab, "fw1")["config"]["bytes_sent"]
 
 
-def measure(lab, edits: int, burst: int, say) -> list[dict]:
+def measure(lab, edits: int, burst: int, say, stages: bool = False) -> list[dict]:
     probe = Probe(lab)
     rows = []
     try:
@@ -145,6 +145,11 @@ def measure(lab, edits: int, burst: int, say) -> list[dict]:
             rows.append({"case": label, "n": len(samples), "p50_ms": _percentile(samples, 0.5),
                          "p99_ms": _percentile(samples, 0.99), "max_ms": max(samples) if samples else None,
                          "bytes_per_edit": round(per_edit), "lost": edits - len(samples)})
+            if stages:
+                for fw in ("fw1", "fw2"):
+                    got = _sync_status(lab, fw).get("config", {}).get("stage_ms", {})
+                    say(f"  {fw} stages (ms, last {edits}+): " + ", ".join(
+                        f"{k} p50 {v['p50']:.1f} max {v['max']:.1f}" for k, v in sorted(got.items())))
         say(f"burst of {burst} small files")
         names = [f"burst-{i:05d}.conf" for i in range(burst)]
         sent0 = _bytes_sent(lab)
@@ -183,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--burst", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--stages", action="store_true", help="print each node's per-stage durations (status stage_ms)")
     args = p.parse_args(argv)
     say = progress(not args.quiet)
     tag = f"cfb{secrets.token_hex(2)}"
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not _sync_status(lab, "fw2").get("config", {}).get("in_sync"):
             time.sleep(0.1)
-        rows = measure(lab, args.edits, args.burst, say)
+        rows = measure(lab, args.edits, args.burst, say, args.stages)
     finally:
         teardown(lab)
     print(render(COLUMNS, rows))

@@ -41,6 +41,10 @@ def _test_delay(name: str) -> float:
     return 0.0
 
 
+WRITEV_PIECES = min(os.sysconf("SC_IOV_MAX"), 1024)
+WRITEV_BYTES = 8 << 20
+
+
 class DigestMismatch(ValueError):
     pass
 
@@ -67,15 +71,30 @@ class Writer:
         self.final_stat: os.stat_result | None = None
 
     def write(self, ops: Iterable[Op]) -> None:
+        # gathered into few writev calls: each write() to a new file may wait for the
+        # filesystem journal (its mtime update starts a handle) while another process's
+        # fsync commits it; a delta's many small pieces made that wait many times likelier
+        batch, size = [], 0
         for piece in patch(self.base, ops):  # BadDelta for a copy outside the base
-            os.write(self._fd, piece) if len(piece) < (1 << 20) else self._write_all(piece)
             self._hash.update(piece)
             self.size += len(piece)
+            batch.append(piece)
+            size += len(piece)
+            if len(batch) >= WRITEV_PIECES or size >= WRITEV_BYTES:
+                self._write_all(batch)
+                batch, size = [], 0
+        if batch:
+            self._write_all(batch)
 
-    def _write_all(self, piece) -> None:
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(self._fd, view):]
+    def _write_all(self, pieces: list) -> None:
+        views = [memoryview(p) for p in pieces]
+        while views:
+            done = os.writev(self._fd, views)
+            while views and done >= len(views[0]):
+                done -= len(views[0])
+                views.pop(0)
+            if views and done:
+                views[0] = views[0][done:]
 
     def commit(self, entry: Entry, keep_aside: Path | None = None) -> None:
         """Check the digest, set mode and owner, make it durable, rename it into place."""

@@ -99,10 +99,21 @@ class Manifest:
         self.store = store
         self.clock = 0
         self.files: dict[Name, Local] = {}
+        # the content behind the last new entry `rescan` made: the sender uses it instead
+        # of reading and hashing the file a second time
+        self._read: tuple[Name, bytes, bytes] | None = None
 
     def get(self, name: Name) -> Entry:
         local = self.files.get(name)
         return local.entry if local else ABSENT
+
+    def take_read(self, name: Name, digest_: bytes) -> bytes | None:
+        """The bytes `rescan` read for `name`'s version `digest_` (once), or None."""
+        got, self._read = self._read, None
+        return got[2] if got is not None and got[:2] == (name, digest_) else None
+
+    def drop_read(self) -> None:
+        self._read = None  # not kept past the turn that made it: a file can be large
 
     @staticmethod
     def digest_of(data: bytes) -> bytes:
@@ -162,6 +173,7 @@ class Manifest:
             return None
         entry = Entry(self.next_gen(), old.entry.common if old else 0, d, mode, st.st_uid, st.st_gid, len(data))
         self.files[name] = Local(entry, stat_key(st), sig)
+        self._read = (name, d, data)
         return entry
 
     # ---- persistence

@@ -32,6 +32,7 @@ from . import core, diff, frames
 from .hooks import HookRunner
 from .manifest import DELETED, Entry, Manifest, Name, read_version, stat_key
 from .pathguard import PathGuard, PathRejected
+from .stagetimes import StageTimes
 from .watcher import Watcher
 
 log = logging.getLogger("hasync.sync.config")
@@ -40,6 +41,12 @@ ACK_TIMEOUT_S = 3.0
 PART_BYTES = 512 << 10  # literal bytes per file item: one 10 MB file is ~20 frames
 FRAME_BYTES = 256 << 10  # small files share a CFG_FILES frame up to this size
 MAX_LISTED = 20
+# The store is a restart cache (stat keys, generations): written at most once per this
+# long rather than after every change. An fsync'd save per applied version or ACK put
+# 2-3 journal commits per edit on the filesystem the Backup's apply fsyncs on, and held
+# the loop meanwhile. A crash inside the window loses nothing that matters: the restart
+# scan re-hashes the changed files, and a version both nodes hold compares as the same.
+SAVE_DELAY_S = 0.5
 
 
 @dataclass
@@ -90,6 +97,9 @@ class ConfigSync:
         self._out_size = 0
         self._acks: list[tuple] = []
         self._dirty_store = False
+        self._save_at: float | None = None  # when the dirty store is written (SAVE_DELAY_S)
+        self.manifest_saves = 0
+        self.stages = StageTimes()
         self.dir_syncs = applymod.DirSyncs()  # renames of this frame, made durable before its ACKs
         self.leftovers_removed = applymod.remove_leftovers(roots)
         self.manifest.load()
@@ -156,13 +166,18 @@ class ConfigSync:
             timers.append(min(t for _g, t in self.pending.values()) + ACK_TIMEOUT_S)
         if self.awaiting:
             timers.append(min(self.awaiting.values()) + ACK_TIMEOUT_S)
+        if self._save_at is not None:
+            timers.append(self._save_at)
         return min(timers) if timers else None
 
     def turn(self, now: float) -> None:
         if self.watcher is not None:
             batch = self.watcher.take(now)
             if batch is not None:
-                self._on_local_changes(*batch)
+                self.stages.add("debounce", self.watcher.last_batch_wait * 1000)
+                with self.stages.measure("local_changes"):
+                    self._on_local_changes(*batch)
+                self.manifest.drop_read()
         self.hooks.poll(now)
         if self.connected:
             if self.pending and min(t for _g, t in self.pending.values()) + ACK_TIMEOUT_S <= now:
@@ -174,10 +189,13 @@ class ConfigSync:
                 self.retries += 1
                 self.awaiting.clear()
                 self.request(forced=False)
-        self._flush()
-        if self._dirty_store:
-            self.manifest.save()
-            self._dirty_store = False
+        with self.stages.measure("flush"):
+            self._flush()
+        if self._dirty_store and self._save_at is None:
+            self._save_at = now + SAVE_DELAY_S
+        if self._save_at is not None and self._save_at <= now:
+            with self.stages.measure("manifest_save"):
+                self._save()
 
     # ---- local changes -----------------------------------------------------------------
 
@@ -204,6 +222,7 @@ class ConfigSync:
         changed: dict[Name, Entry] = {}
         if rescan:
             changed.update((name, files[name].entry) for name in self._scan_all(report_local=False))
+        t0 = time.perf_counter()
         for name in sorted(dirty):
             entry = self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True)
             if entry is not None:
@@ -212,6 +231,7 @@ class ConfigSync:
             entry = self.manifest.rescan(name, self.guard.path_of(*name), keep_signature=True)
             if entry is not None:
                 changed[name] = entry
+        self.stages.add("rescan", (time.perf_counter() - t0) * 1000)
         if not changed:
             return
         self._dirty_store = True
@@ -259,13 +279,17 @@ class ConfigSync:
         if entry.deleted:
             self._queue((xfer, 0, True, root, rel, entry.to_wire(), forced, None, ()), 0)
         else:
-            got = read_version(self.guard.path_of(*name))
-            if got is None or self.manifest.get(name).digest != entry.digest \
-                    or self.manifest.digest_of(got[0]) != entry.digest:
+            if self.manifest.get(name).digest != entry.digest:
                 return  # changed again under us: the watcher brings the newer version
-            data = got[0]
+            data = self.manifest.take_read(name, entry.digest)  # the bytes the rescan just hashed
+            if data is None:
+                got = read_version(self.guard.path_of(*name))
+                if got is None or self.manifest.digest_of(got[0]) != entry.digest:
+                    return
+                data = got[0]
             if base is not None and base[2] is not None and base[2].hashes:
-                ops = diff.delta(base[2], data, self.manifest.files[name].sig)
+                with self.stages.measure("delta"):
+                    ops = diff.delta(base[2], data, self.manifest.files[name].sig)
                 base_wire = (base[0][0], base[0][1], base[1])
             else:
                 ops, base_wire = diff.full(data), None
@@ -298,6 +322,14 @@ class ConfigSync:
     # ---- receiving ---------------------------------------------------------------------
 
     def on_frame(self, frame: Frame, now: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._on_frame(frame, now)
+        finally:
+            self.manifest.drop_read()
+            self.stages.add(f"frame_{frame.type}", (time.perf_counter() - t0) * 1000)
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
         self.frames_received += 1
         ftype, p = frame.type, frame.payload
         if ftype == frames.CFG_REQUEST:
@@ -318,7 +350,8 @@ class ConfigSync:
             self._on_files(p, now)
         elif ftype == frames.CFG_ACK:
             self._on_acks(p)
-        self.dir_syncs.flush()  # before the hooks read the files and before the ACKs say "applied"
+        with self.stages.measure("fsync_dir"):
+            self.dir_syncs.flush()  # before the hooks read the files and before the ACKs say "applied"
         self.hooks.start_queued()
         self._flush()
 
@@ -464,7 +497,8 @@ class ConfigSync:
                 continue
             inc.next_part = part + 1
             try:
-                inc.writer.write(ops)
+                with self.stages.measure("write"):
+                    inc.writer.write(ops)
                 if last:
                     self._commit(xfer)
             except (diff.BadDelta, applymod.DigestMismatch) as exc:
@@ -522,8 +556,10 @@ class ConfigSync:
 
     def _commit(self, xfer: int) -> None:
         inc = self.incoming.pop(xfer)
-        inc.writer.prepare(inc.entry)
-        inc.writer.install(inc.keep)
+        with self.stages.measure("fsync_file"):
+            inc.writer.prepare(inc.entry)
+        with self.stages.measure("rename"):
+            inc.writer.install(inc.keep)
         self.dir_syncs.add(inc.path.parent)
         e = inc.entry
         self.manifest.put(inc.name, Entry(e.gen, e.gen, e.digest, e.mode, e.uid, e.gid, e.size))
@@ -612,8 +648,10 @@ class ConfigSync:
             "bad_deltas": self.bad_deltas,
             "retries": self.retries,
             "tombstones_expired": self.tombstones_expired,
+            "manifest_saves": self.manifest_saves,
             "roots_mismatch": self.roots_mismatch,
             "roots": [str(r.directory) for r in self.guard.roots],
+            "stage_ms": self.stages.summary(),
         }
 
     def problems(self) -> list[str]:
@@ -632,4 +670,10 @@ class ConfigSync:
         if self.watcher is not None:
             self.watcher.close()
         if self._dirty_store:
-            self.manifest.save()
+            self._save()
+
+    def _save(self) -> None:
+        self.manifest.save()
+        self.manifest_saves += 1
+        self._dirty_store = False
+        self._save_at = None

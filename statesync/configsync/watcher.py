@@ -60,6 +60,7 @@ class Watcher:
         self._rescan = False
         self._writing: dict[Name, float] = {}  # modified, not yet closed: since when
         self._first = self._last = None
+        self.last_batch_wait = 0.0  # first event of the last batch -> its take (s)
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.observer = Observer()
         handler = _Handler(self)
@@ -114,6 +115,7 @@ class Watcher:
                 self._first = self._last = now  # only files still being written: look again later
                 return None
             batch = (self._dirty - held, self._moves, self._rescan)
+            self.last_batch_wait = now - self._first
             for n in self._dirty - held:
                 self._writing.pop(n, None)
             self._dirty, self._moves, self._rescan = set(held), [], False

@@ -235,3 +235,39 @@ def test_replicated_paths_in_another_order_stop_config_sync_with_a_problem(tmp_p
         assert any("replicated_paths differ" in x for x in p.b.problems())
     finally:
         p.close()
+
+
+def test_manifest_saves_are_coalesced_and_written_by_close(pair):
+    from statesync.configsync import node as nodemod
+    store = pair.b.manifest.store
+    saves0 = pair.b.manifest_saves
+    for i in range(5):
+        (pair.etc_a / "x.conf").write_text(f"x {i}\n")
+        pair.master_changed("x.conf")
+    assert (pair.etc_b / "x.conf").read_text() == "x 4\n"
+    assert pair.b.manifest_saves == saves0  # five applies within SAVE_DELAY_S: nothing written yet
+    assert pair.b.next_timer() is not None
+    pair.b.turn(time.monotonic() + nodemod.SAVE_DELAY_S + 0.01)
+    assert pair.b.manifest_saves == saves0 + 1
+    reloaded = nodemod.Manifest(pair.b.manifest.roots, store)
+    reloaded.load()
+    name = pair.b.guard.name_of(pair.etc_b / "x.conf")
+    assert reloaded.get(name).digest == pair.b.manifest.get(name).digest
+    (pair.etc_a / "x.conf").write_text("x 5\n")
+    pair.master_changed("x.conf")
+    pair.b.close()  # a dirty store is written on the way out
+    reloaded = nodemod.Manifest(pair.b.manifest.roots, store)
+    reloaded.load()
+    assert reloaded.get(name).digest == pair.b.manifest.get(name).digest != b""
+
+
+def test_the_sender_sends_the_bytes_the_rescan_hashed(pair, monkeypatch):
+    from statesync.configsync import node as nodemod
+    pair.connect()
+    (pair.etc_a / "y.conf").write_text("first\n")
+    reads = []
+    real = nodemod.read_version
+    monkeypatch.setattr(nodemod, "read_version", lambda p: reads.append(p) or real(p))
+    pair.master_changed("y.conf")
+    assert (pair.etc_b / "y.conf").read_text() == "first\n"
+    assert reads == []  # no second read (and hash) of the file between rescan and send
