@@ -96,6 +96,13 @@ def render_status(s: dict[str, Any], colour: bool = False) -> str:
         lines.append(f"  sync: {'connected' if sync.get('connected') else 'not connected'},"
                      f" {sync.get('entries_applied', 0)} applied, {sync.get('entries_sent', 0)} sent,"
                      f" lag {sync.get('lag_ms')} ms, last resync {sync.get('last_resync')}")
+        cfg = sync.get("config") or {}
+        if cfg:
+            state = "in sync" if cfg.get("in_sync") else f"behind by {cfg.get('behind', '?')}"
+            if cfg.get("conflicts"):
+                state += f", {len(cfg['conflicts'])} conflict(s)"
+            lines.append(f"  config sync: {state}, generation {cfg.get('generation')},"
+                         f" last applied {cfg.get('last_applied')}")
     for reason in s.get("reasons") or []:
         lines.append(f"  red: {reason}")
     return "\n".join(lines)
