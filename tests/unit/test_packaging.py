@@ -1,7 +1,9 @@
 """The wheel: built from the sources, installed in a fresh venv, the `hasync` command works.
 
---system-site-packages lets the dependencies resolve from this machine (the wheel is
-installed with --no-deps, no index), so only the build backend may come from PyPI.
+The dependencies resolve from the environment running the tests (a .pth file in the fresh
+venv names its site-packages; --system-site-packages would name the base interpreter's,
+which lacks them when the tests run from a venv), the wheel is installed with --no-deps and
+no index, so only the build backend may come from PyPI.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,11 @@ def venv(tmp_path_factory) -> Path:
     env_dir = base / "venv"
     made = run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir), cwd=base)
     assert made.returncode == 0, made.stderr
+    site = Path(run(str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                    cwd=base).stdout.strip())
+    outer = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    # after the wheel's own path, so the wheel (not an editable checkout) is what imports
+    (site / "zz-outer-env.pth").write_text("".join(f"{p}\n" for p in sorted(outer)))
     # the outer pip installs into the venv (the venv has no pip of its own: faster to make)
     installed = run(sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), "install",
                     "--no-deps", "--no-index", "-q", str(wheels[0]), cwd=base, timeout=120)
