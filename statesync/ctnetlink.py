@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import ctmsg
+from . import ctbatch, ctmsg
 from .ctbuild import CtEntry, encode_entry, synthetic_entries  # noqa: F401  (re-exported)
 from .ctconst import (  # noqa: F401  (EV_* re-exported)
     CT_DELETE, CT_EVENT_GROUPS, CT_GET, CT_NEW, EV_DESTROY, EV_NEW, EV_UPDATE, EXP_DELETE, EXP_GET,
@@ -34,7 +34,7 @@ from .ctcreate import (  # noqa: F401  (re-exported)
     CREATE_EXCL_FLAGS, CREATE_FLAGS, UPDATE_FLAGS, prepare, to_create_message, to_update_message,
 )
 from .ctmsg import (  # noqa: F401  (re-exported)
-    CtEvent, MalformedMessage, decode_entry, key_of, parse_messages_counted, to_delete_message,
+    CtEvent, MalformedMessage, decode_entry, key_of, parse_changes, parse_messages_counted, to_delete_message,
     tuple_info,
 )
 
@@ -52,7 +52,8 @@ NETLINK_EXT_ACK = 11
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 
-RECV_SIZE = 1 << 20
+RECV_SIZE = 1 << 20  # a dump's datagram holds many entries
+EVENT_RECV_SIZE = 64 << 10  # an event is one message (< 1 KiB): no 1 MiB buffer per event
 SEND_BATCH = 32 << 10
 CLONE_NEWNET = 0x40000000
 
@@ -89,13 +90,15 @@ class FramedApply:
 
     chunks: list[tuple[bytes, int]]  # (~SEND_BATCH bytes of requests, how many)
     seq0: int  # sequence number of the first request
-    others: list[tuple[int, bytes] | None]  # per request: (family, the other form) or None
+    entries: list[tuple[int, bytes]]  # what was framed: (family, attrs)
+    index: list  # per request (in seq order): the index of its entry in `entries`
+    has_other: list  # per request: a NATed/related entry, whose other form a retry may need
     likely_new: bool  # first form was create (retry update on EEXIST), else the reverse
-    malformed: int  # entries that did not prepare (counted as EINVAL when sent)
+    malformed: int = 0  # entries that did not prepare (counted as EINVAL when sent)
 
     @property
     def count(self) -> int:
-        return len(self.others)
+        return len(self.index)
 
 
 class CtSocket:
@@ -158,30 +161,34 @@ class CtSocket:
     # --- events ----------------------------------------------------------------------
 
     def recv_batch(self, block: bool = True, max_datagrams: int = 4096) -> list[CtEvent]:
-        """Every event queued now (after waiting for the first one if `block`).
+        """Every event queued now, as CtEvents (see recv_changes)."""
+        return [CtEvent(*c) for c in self.recv_changes(block, max_datagrams)]
+
+    def recv_changes(self, block: bool = True, max_datagrams: int = 4096) -> list[tuple]:
+        """Every event queued now (after waiting for the first one if `block`), as
+        ctmsg.parse_changes tuples (kind, family, key, attrs, portid).
 
         Each event is its own netlink datagram, so this drains up to
-        `max_datagrams` recv() calls without blocking; a dump reply packs many
-        messages per datagram and goes through the same parser.
+        `max_datagrams` recv() calls without blocking.
         Raises Overrun on ENOBUFS (events already parsed in this call are lost
         too: the caller resyncs from a dump anyway).
         """
         recv = self.sock.recv
-        out: list[CtEvent] = []
+        out: list[tuple] = []
         flags = 0 if block else socket.MSG_DONTWAIT
         for _ in range(max_datagrams):
             try:
-                buf = recv(RECV_SIZE, flags)
+                buf = recv(EVENT_RECV_SIZE, flags)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     raise Overrun("conntrack event queue overran (ENOBUFS)") from e
                 raise
-            events, bad, _ = parse_messages_counted(buf)
+            changes, bad, _ = parse_changes(buf)
             if bad:
                 self.malformed += bad
-            out.extend(events)
+            out += changes
             flags = socket.MSG_DONTWAIT
         return out
 
@@ -189,19 +196,19 @@ class CtSocket:
 
     def dump(self, family: int = socket.AF_UNSPEC) -> Iterator[CtEvent]:
         """Every entry of the table (kind EV_NEW), streamed as the kernel answers."""
-        yield from self._dump(CT_GET, family)
+        for c in self.dump_changes(family):
+            yield CtEvent(*c)
 
-    def _dump(self, msg_type: int, family: int) -> Iterator[CtEvent]:
+    def dump_changes(self, family: int = socket.AF_UNSPEC) -> Iterator[tuple]:
+        """dump's entries as parse_changes tuples (kind EV_NEW, family, key, attrs, portid)."""
         seq = self._next_seq()
-        self.sock.send(ctmsg.request(msg_type, NLM_F_REQUEST | NLM_F_DUMP, family, seq))
+        self.sock.send(ctmsg.request(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, seq))
         while True:
             buf = self.sock.recv(RECV_SIZE)
             errors: list = []
-            events, bad, done = parse_messages_counted(buf, errors=errors)
+            changes, bad, done = parse_changes(buf, errors=errors, kind=EV_NEW)
             self.malformed += bad
-            for ev in events:
-                ev.kind = EV_NEW
-            yield from events
+            yield from changes
             for eseq, err in errors:
                 if eseq == seq and err:
                     raise OSError(err, f"ctnetlink dump: {os.strerror(err)}")
@@ -264,42 +271,63 @@ class CtSocket:
 
     def frame_apply(self, entries: Iterable[tuple[int, bytes]], likely_new: bool = True) -> "FramedApply":
         """The Python half of `apply`: prepare and frame every request, no I/O (a caller may
-        frame the next batch in one thread while another thread sends this one)."""
+        frame the next batch in one thread while another thread sends this one).
+
+        Entries of one family and length come in thousands (a burst, a resync): those are
+        rewritten as a matrix (ctbatch); the rest, and what the matrix refuses, one by one."""
         entries = entries if isinstance(entries, list) else list(entries)
-        seq0 = seq = self._next_seq(len(entries) + 1)
+        seq = self._next_seq(len(entries) + 1)
+        framed = FramedApply([], seq, entries, [], [], likely_new)
+        one_by_one: list[int] = []
+        for family, members in ctbatch.groups(entries, one_by_one):
+            out = ctbatch.frame_group(family, [entries[i][1] for i in members], seq, likely_new)
+            for data, width, count in out.blocks:
+                _cut(data, width, count, framed.chunks)
+            framed.index.append(members[out.order])
+            framed.has_other.append(out.has_other)
+            seq = (seq + len(out.order)) & 0xFFFFFFFF
+            one_by_one.extend(members[out.rest].tolist())
+        if one_by_one:
+            self._frame_one_by_one(one_by_one, seq, framed)
+        framed.index = ctbatch.concat(framed.index, int)
+        framed.has_other = ctbatch.concat(framed.has_other, bool)
+        return framed
+
+    def _frame_one_by_one(self, which: list[int], seq: int, framed: "FramedApply") -> None:
+        """Frame entries[i] for i in `which` with ctcreate.prepare, sequence numbers from `seq`."""
         hdr = NFGEN_HDR.pack
-        excl_flags = CREATE_EXCL_FLAGS if likely_new else UPDATE_FLAGS
-        others: list[tuple[int, bytes] | None] = []  # per request: (family, other form) or None
-        chunks: list[tuple[bytes, int]] = []
+        excl_flags = CREATE_EXCL_FLAGS if framed.likely_new else UPDATE_FLAGS
+        entries = framed.entries
+        index: list[int] = []
+        has_other: list[bool] = []
         batch: list[bytes] = []  # header and body as separate pieces, one join per ~SEND_BATCH
         size = 0
-        malformed = 0
-        for family, attrs in entries:
+        for i in which:
+            family, attrs = entries[i]
             try:
                 create, update = prepare(attrs)
             except MalformedMessage:
-                malformed += 1
+                framed.malformed += 1
                 continue
+            index.append(i)
             if update is None:
                 body, flags = create, CREATE_FLAGS
-                others.append(None)
-            elif likely_new:
-                body, flags = create, excl_flags
-                others.append((family, update))
+                has_other.append(False)
             else:
-                body, flags = update, excl_flags
-                others.append((family, create))
+                body, flags = (create if framed.likely_new else update), excl_flags
+                has_other.append(True)
             batch.append(hdr(NFGEN_HDR_LEN + len(body), CT_NEW, flags, seq, 0, family, 0, 0))
             batch.append(body)
             seq = (seq + 1) & 0xFFFFFFFF
             size += NFGEN_HDR_LEN + len(body)
             if size >= SEND_BATCH:
-                chunks.append((b"".join(batch), len(batch) >> 1))
+                framed.chunks.append((b"".join(batch), len(batch) >> 1))
                 batch.clear()
                 size = 0
         if batch:
-            chunks.append((b"".join(batch), len(batch) >> 1))
-        return FramedApply(chunks, seq0, others, likely_new, malformed)
+            framed.chunks.append((b"".join(batch), len(batch) >> 1))
+        framed.index.append(index)
+        framed.has_other.append(has_other)
 
     def send_framed(self, framed: "FramedApply") -> ApplyResult:
         """The I/O half of `apply`: send the framed requests, retry NATed/related entries in
@@ -315,16 +343,16 @@ class CtSocket:
             retry_err, second_flags = errno.EEXIST, UPDATE_FLAGS
         else:
             retry_err, second_flags = errno.ENOENT, CREATE_EXCL_FLAGS
-        seq0, others = framed.seq0, framed.others
-        n = len(others)
+        seq0, n = framed.seq0, framed.count
         again = []
         for s, err in failures:
             i = (s - seq0) & 0xFFFFFFFF
             if i >= n:
                 continue  # not one of ours (a late reply to an earlier request)
-            other = others[i]
-            if other is not None and err == retry_err:
-                again.append((other[0], second_flags, other[1]))  # the other form: create <-> update
+            if framed.has_other[i] and err == retry_err:
+                family, attrs = framed.entries[framed.index[i]]
+                create, update = prepare(attrs)  # the other form: create <-> update
+                again.append((family, second_flags, update if framed.likely_new else create))
             else:
                 result.errors[err] += 1
         if again:
@@ -456,6 +484,13 @@ class CtSocket:
                     if err:
                         raise OSError(err, os.strerror(err))
                     return
+
+
+def _cut(data: bytes, width: int, count: int, chunks: list[tuple[bytes, int]]) -> None:
+    """Split `count` requests of `width` bytes each into sends of about SEND_BATCH bytes."""
+    per = max(1, SEND_BATCH // width)
+    for first in range(0, count, per):
+        chunks.append((data[first * width:(first + per) * width], min(per, count - first)))
 
 
 def is_tcp_key(key: bytes) -> bool:
