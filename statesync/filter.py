@@ -29,6 +29,10 @@ _IP_SHAPES = {
 }
 _PROTO_TYPE = NLA_HDR.pack(0, CTA_TUPLE_PROTO | NLA_F_NESTED)[2:]  # type half of the header
 _NUM_HDR = NLA_HDR.pack(5, CTA_PROTO_NUM)
+# IPv4: the IP nest and src header, the dst header, the proto number header (after the
+# proto nest's header, whose length varies with the protocol)
+_V4_HEAD, _V4_DST_HDR = next((head, dst) for head, (L, dst) in _IP_SHAPES.items() if L == 4)
+_V4_PROTO_NUM = _PROTO_TYPE + _NUM_HDR  # key[26:32]: the proto nest's type, the number's header
 
 
 PROTOCOLS = {
@@ -73,6 +77,19 @@ class EntryFilter:
         return cls(nets, cfg.sync.ignore_protocols)
 
     def accepts(self, key: bytes) -> bool:
+        if (key[4:12] == _V4_HEAD and key[16:20] == _V4_DST_HDR and key[26:32] == _V4_PROTO_NUM
+                and len(key) > 32):
+            # an IPv4 key in the kernel's layout (most of them): no call, no tuple
+            if key[32] in self._protocols:
+                self.ignored += 1
+                return False
+            src = int.from_bytes(key[12:16], "big")
+            dst = int.from_bytes(key[20:24], "big")
+            for net, mask in self._nets[4]:
+                if src & mask == net or dst & mask == net:
+                    self.ignored += 1
+                    return False
+            return True
         fields = _fast_fields(key)
         if fields is None:
             try:
@@ -100,6 +117,11 @@ class EntryFilter:
     def select(self, events: Iterable) -> list:
         accepts = self.accepts
         return [ev for ev in events if accepts(ev.key)]
+
+    def select_changes(self, changes: Iterable[tuple]) -> list[tuple]:
+        """`select` for ctmsg.parse_changes tuples (the key is their third item)."""
+        accepts = self.accepts
+        return [c for c in changes if accepts(c[2])]
 
 
 def _fast_fields(key: bytes) -> tuple[int, bytes, bytes] | None:

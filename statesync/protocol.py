@@ -113,22 +113,20 @@ class Sender:
     # ---- input
 
     def on_events(self, events: Iterable[Change]) -> None:
+        self.on_changes([(ev.kind, ev.family, ev.key, ev.attrs) for ev in events])
+
+    def on_changes(self, changes: list[tuple]) -> None:
+        """on_events for plain tuples (kind, family, key, attrs, ...): the Master's hot path."""
         pending = self.pending
         destroy = self.destroy_kind
-        touched = self._touched if self._snapshot is not None else None
-        n = 0
-        for ev in events:
-            n += 1
-            key = ev.key
-            if key in pending:
-                self.counters.events_coalesced += 1
-            if ev.kind == destroy:
-                pending[key] = (OP_DELETE, ev.family, b"")
-            else:
-                pending[key] = (OP_UPSERT, ev.family, ev.attrs)
-            if touched is not None:
-                touched.add(key)
-        self.counters.events_staged += n
+        before = len(pending)
+        for kind, family, key, attrs, *_ in changes:
+            pending[key] = (OP_DELETE, family, b"") if kind == destroy else (OP_UPSERT, family, attrs)
+        # every change either added a key or replaced a pending one
+        self.counters.events_coalesced += len(changes) - (len(pending) - before)
+        if self._snapshot is not None:
+            self._touched.update(c[2] for c in changes)
+        self.counters.events_staged += len(changes)
 
     def on_ack(self, seq: int, now: float) -> None:
         if seq > self.seq:

@@ -46,7 +46,7 @@ from hasync import config as cfgmod
 
 from hasync.control import ControlServer
 
-from . import control, keys, protocol, wire
+from . import control, keys, memory, protocol, wire
 from .channel import Channel
 from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
@@ -180,7 +180,7 @@ class SyncService:
         other stale one: hold them from one dump now, before the node joins its peer."""
         accepts = self.filter.accepts
         self.dumps += 1
-        self.receiver.held.update(ev.key for ev in self.ct.dump() if accepts(ev.key))
+        self.receiver.held.update(c[2] for c in self.ct.dump_changes() if accepts(c[2]))
 
     # ---- control commands (statesync.control) -----------------------------------------
 
@@ -309,27 +309,27 @@ class SyncService:
 
     def _read_events(self, now: float) -> None:
         try:
-            events = self.events.recv_batch(block=False)
+            changes = self.events.recv_changes(block=False)
         except Overrun:
             self.overruns += 1
             log.warning("conntrack event overrun: resync from a dump")
             self._drain_events()
             self._start_resync(now)
             return
-        if events and self.sender is not None:
-            selected = self.filter.select(events)
+        if changes and self.sender is not None:
+            selected = self.filter.select_changes(changes)
             self._hold_local(selected)
-            self.sender.on_events(selected)
+            self.sender.on_changes(selected)
 
-    def _hold_local(self, events: list) -> None:
+    def _hold_local(self, changes: list[tuple]) -> None:
         """As Master our own table grows from traffic: hold those keys as if replicated, so
         that a purge after we are Backup again removes the ones the new Master lacks."""
         held = self.receiver.held
-        for ev in events:
-            if ev.kind == EV_DESTROY:
-                held.discard(ev.key)
+        for kind, _family, key, *_ in changes:
+            if kind == EV_DESTROY:
+                held.discard(key)
             else:
-                held.add(ev.key)
+                held.add(key)
 
     def _drain_events(self) -> None:
         """Empty the event queue before the dump starts. After an overrun the kernel keeps
@@ -338,7 +338,7 @@ class SyncService:
         after reaches us as an event."""
         while True:
             try:
-                if not self.events.recv_batch(block=False):
+                if not self.events.recv_changes(block=False):
                     return
             except Overrun:
                 continue
@@ -464,10 +464,10 @@ class SyncService:
         try:
             accepts = self.filter.accepts
             held = self.receiver.held
-            for ev in sock.dump():
-                if accepts(ev.key):
-                    held.add(ev.key)  # what we send, we hold (see _hold_local)
-                    yield ev.family, ev.key, ev.attrs
+            for _kind, family, key, attrs, _pid in sock.dump_changes():
+                if accepts(key):
+                    held.add(key)  # what we send, we hold (see _hold_local)
+                    yield family, key, attrs
         finally:
             sock.close()
 
@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s statesync %(levelname)s %(message)s")
     cfg = cfgmod.load(args.config)
     service = SyncService(cfg, role=args.role)
+    memory.tune_for_bulk()
 
     def stop(*_):
         service.running = False

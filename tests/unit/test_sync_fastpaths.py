@@ -115,3 +115,23 @@ def test_sender_frames_every_staged_change_once_in_order_across_batches():
     want = [(wire.OP_UPSERT, e.key) for e in evs]
     want[10] = (wire.OP_DELETE, evs[10].key)
     assert keys == want and not sender.pending
+
+
+@settings(max_examples=200)
+@given(entries(), st.permutations(range(4)), st.booleans())
+def test_parse_changes_cuts_the_key_key_of_finds(entry, order, shuffle):
+    # the kernel's order takes the fixed reads; any other order (a zone second, the orig
+    # tuple not first) must give what the walk gives
+    _, attrs = cb.encode_entry(entry[0], entry[1], **entry[2])
+    if shuffle:
+        spans = [(a0, a1) for _, _, _, a0, a1 in ctmsg.iter_attrs(attrs)]
+        head = [attrs[a0:a1] for a0, a1 in spans[:4]]
+        attrs = b"".join(head[i] for i in order if i < len(head)) + b"".join(attrs[a0:a1] for a0, a1 in spans[4:])
+    msg = ctmsg.NFGEN_HDR.pack(ctmsg.NFGEN_HDR_LEN + len(attrs), ctmsg.CT_NEW, 0, 1, 0, socket.AF_INET, 0, 0) + attrs
+    try:
+        want = ctmsg.key_of(attrs)
+    except ctmsg.MalformedMessage:
+        assert ctmsg.parse_changes(msg)[:2] == ([], 1)
+        return
+    (change,), bad, _ = ctmsg.parse_changes(msg)
+    assert bad == 0 and change[2] == want and change[3] == attrs

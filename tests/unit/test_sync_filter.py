@@ -25,3 +25,28 @@ def test_ignored_networks_protocols_and_garbage():
     assert not any(EntryFilter(["2001:db8:18::/64"]).accepts(k) for k in v6)
     f = EntryFilter()
     assert not f.accepts(b"\x08\x00") and f.malformed == 1
+
+
+import ipaddress  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from statesync import ctbuild as cb  # noqa: E402
+from statesync.ctconst import CTA_TUPLE_ORIG  # noqa: E402
+from tests.unit.test_ctmsg import tuples  # noqa: E402
+
+NETS = ["198.18.0.0/16", "198.19.0.0/24", "198.18.0.0/15", "203.0.113.0/24", "2001:db8:18::/64",
+        "2001:db8:19::/120", "198.51.100.0/30"]
+
+
+@settings(max_examples=300)
+@given(tuples(), st.lists(st.sampled_from(NETS), max_size=3), st.lists(st.sampled_from(["tcp", "udp", "icmp",
+                                                                                         "sctp", "icmpv6"]), max_size=2))
+def test_the_fast_paths_decide_as_the_addresses_say(t, nets, protos):
+    key = cb.encode_tuple(CTA_TUPLE_ORIG, t)
+    src, dst = ipaddress.ip_address(t.src), ipaddress.ip_address(t.dst)
+    ignored = {EntryFilter(ignore_protocols=[p])._protocols.__iter__().__next__() for p in protos}
+    want = t.proto not in ignored and not any(
+        a in ipaddress.ip_network(n) for n in nets for a in (src, dst) if a.version == ipaddress.ip_network(n).version)
+    assert EntryFilter(nets, protos).accepts(key) == want
