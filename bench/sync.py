@@ -15,6 +15,7 @@ entries about a second), so the poll itself does not slow the machine it measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import sys
@@ -299,6 +300,36 @@ class HasyncBench:
 
 # --- the run -----------------------------------------------------------------------------
 
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+CONNTRACK_BUCKETS = "/sys/module/nf_conntrack/parameters/hashsize"
+
+
+@contextlib.contextmanager
+def conntrack_room(entries: int, say: Callable[[str], None]):
+    """Room for `entries` in each firewall's table for the run, put back afterwards.
+
+    nf_conntrack_max is one limit for every namespace's own count, writable only from the
+    host's namespace (where the bench runs); this machine boots with 262,144, too few for
+    the 1,000,000-entry burst. The hash table is one for all namespaces: with both firewalls
+    holding N entries it gets at least N buckets, as an operator sizing a firewall for N
+    sessions would (conntrack's own default is max / 4 buckets, here 8 entries a chain)."""
+    settings = []
+    wanted = {CONNTRACK_MAX: entries + 65536, CONNTRACK_BUCKETS: 1 << max(entries - 1, 1).bit_length()}
+    for path, value in wanted.items():
+        with open(path) as f:
+            before = int(f.read())
+        if value > before:
+            say(f"{path} {before} -> {value} for the run")
+            with open(path, "w") as f:
+                f.write(str(value))
+            settings.append((path, before))
+    try:
+        yield
+    finally:
+        for path, before in reversed(settings):
+            with open(path, "w") as f:
+                f.write(str(before))
+
 COLUMNS = [
     Column("entries", "entries", "{:,}"),
     Column("system", "system", align="<"),
@@ -393,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
             say("conntrackd: bench/conntrackd.py not available, skipped")
 
     results: dict[str, dict[int, list[dict]]] = {}
-    for system in systems:
-        if system in makers:
-            results[system] = bench_system(makers[system], sizes, args.runs, say, args.injector)
+    with conntrack_room(max(sizes), say):
+        for system in systems:
+            if system in makers:
+                results[system] = bench_system(makers[system], sizes, args.runs, say, args.injector)
 
     rows = []
     for n in sizes:

@@ -201,6 +201,11 @@ class CtSocket:
 
     def dump_changes(self, family: int = socket.AF_UNSPEC) -> Iterator[tuple]:
         """dump's entries as parse_changes tuples (kind EV_NEW, family, key, attrs, portid)."""
+        for changes in self.dump_batches(family):
+            yield from changes
+
+    def dump_batches(self, family: int = socket.AF_UNSPEC) -> Iterator[list[tuple]]:
+        """dump_changes, a list per datagram the kernel answers with."""
         seq = self._next_seq()
         self.sock.send(ctmsg.request(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, seq))
         while True:
@@ -208,7 +213,8 @@ class CtSocket:
             errors: list = []
             changes, bad, done = parse_changes(buf, errors=errors, kind=EV_NEW)
             self.malformed += bad
-            yield from changes
+            if changes:
+                yield changes
             for eseq, err in errors:
                 if eseq == seq and err:
                     raise OSError(err, f"ctnetlink dump: {os.strerror(err)}")
@@ -337,8 +343,14 @@ class CtSocket:
             result.sent += framed.malformed
             result.errors[errno.EINVAL] += framed.malformed
         failures: list[tuple[int, int]] = []
+        send = self.sock.send
         for data, count in framed.chunks:
-            self._send_and_drain(data, count, result, failures)
+            send(data)
+            result.sent += count
+        # one drain for the whole batch: the error replies of a batch (< 40 bytes each, and
+        # only for failures) fit the receive buffer, and each recv() costs the writer thread
+        # a GIL hand-over
+        self._drain_replies(result, failures)
         if framed.likely_new:
             retry_err, second_flags = errno.EEXIST, UPDATE_FLAGS
         else:

@@ -32,6 +32,7 @@ Differences, chosen on purpose:
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
@@ -164,8 +165,10 @@ class Sender:
         self._resend = [buf for seq, (buf, _) in self.window.items() if seq >= first]
         self.counters.frames_resent += len(self._resend)
 
-    def start_resync(self, snapshot: Iterable[tuple[int, bytes, bytes]]) -> None:
+    def start_resync(self, snapshot: Iterable, chunked: bool = False) -> None:
         """Stream `snapshot` ((family, key, attrs) ...) while live changes keep flowing.
+        `chunked`: the snapshot yields lists of those (a dump's datagram each), which are
+        framed a list at a time (the Master's resync: no Python step per entry here).
 
         Staged changes and unacked frames are dropped: the snapshot is read after this
         call, so it already holds everything they carried; the receiver jumps to
@@ -180,7 +183,7 @@ class Sender:
         self._resend.clear()
         self._resend_from_sent = None
         self._control.clear()
-        self._snapshot = iter(snapshot)
+        self._snapshot = iter(snapshot) if chunked else ([entry] for entry in snapshot)
         self._snapshot_count = 0
         self._touched = set()
         self._queue_control(Frame(RESYNC_BEGIN, 0, self.resync_id))
@@ -286,13 +289,18 @@ class Sender:
         if self._snapshot is None:
             return batch, False
         touched = self._touched
-        for family, key, attrs in self._snapshot:
-            if key in touched:
-                self.counters.snapshot_records_skipped += 1
-                continue
-            batch.append((OP_UPSERT, family, key, attrs))
-            size += wire.record_size(key, attrs)
-            if size >= limit or len(batch) >= wire.MAX_RECORDS:
+        max_records = wire.MAX_RECORDS
+        for chunk in self._snapshot:
+            if touched:
+                fresh = [e for e in chunk if e[1] not in touched]
+                self.counters.snapshot_records_skipped += len(chunk) - len(fresh)
+                chunk = fresh
+            if len(batch) + len(chunk) > max_records:  # never the case for a dump's datagram
+                self._snapshot = itertools.chain([chunk[max_records - len(batch):]], self._snapshot)
+                chunk = chunk[:max_records - len(batch)]
+            batch.extend([(OP_UPSERT, e[0], e[1], e[2]) for e in chunk])
+            size += sum([len(e[1]) + len(e[2]) for e in chunk]) + wire.RECORD_OVERHEAD * len(chunk)
+            if size >= limit or len(batch) >= max_records:
                 break
         else:
             # snapshot exhausted: close the resync after its last records
@@ -465,7 +473,14 @@ class Receiver:
     def _on_data(self, frame: Frame) -> Apply:
         records = frame.payload
         held = self.held
-        if self.in_resync is not None:
+        upserted = [r[2] for r in records if r[0] == OP_UPSERT]
+        if len(upserted) == len(records):  # a burst or a snapshot: no deletes, set-at-a-time
+            held.update(upserted)
+            if self.in_resync is not None:
+                self._keep.update(upserted)
+                if frame.flags & FLAG_SNAPSHOT:
+                    self._snapshot_seen += len(records)
+        elif self.in_resync is not None:
             keep = self._keep
             for op, _family, key, _attrs in records:
                 if op == OP_UPSERT:

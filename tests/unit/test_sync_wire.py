@@ -118,3 +118,32 @@ def test_config_sync_can_register_its_types():
         wire.decode(pack(1, code, 0, 0, 5))
     with pytest.raises(ValueError):
         wire.register_type(code, "AGAIN", lambda p: p)
+
+
+_VALUES = st.one_of(st.integers(-1, 12), st.booleans(), st.binary(max_size=8), st.binary(min_size=500, max_size=600),
+                    st.none(), st.text(max_size=3))
+
+
+@settings(max_examples=400)
+@given(st.lists(st.one_of(
+    st.tuples(st.sampled_from([wire.OP_UPSERT, wire.OP_DELETE]), st.sampled_from([2, 10]),
+              st.binary(min_size=1, max_size=60) | st.binary(min_size=500, max_size=600), st.binary(max_size=80)),
+    st.tuples(_VALUES, _VALUES, _VALUES, _VALUES),
+    st.tuples(_VALUES, _VALUES, _VALUES)), max_size=6))
+def test_the_column_checks_accept_exactly_what_the_record_walk_accepts(records):
+    payload = tuple(records)
+
+    def verdict(check):
+        try:
+            check(payload)
+            return True
+        except wire.WireError:
+            return False
+
+    fast = verdict(wire._check_records)
+    original = wire._records_fine
+    wire._records_fine = lambda _payload: False  # the record-by-record walk alone
+    try:
+        assert fast == verdict(wire._check_records)
+    finally:
+        wire._records_fine = original
