@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from . import ctbatch, ctmsg
+from .ctblock import parse_block
 from .ctbuild import CtEntry, encode_entry, synthetic_entries  # noqa: F401  (re-exported)
 from .ctconst import (  # noqa: F401  (EV_* re-exported)
     CT_DELETE, CT_EVENT_GROUPS, CT_GET, CT_NEW, EV_DESTROY, EV_NEW, EV_UPDATE, EXP_DELETE, EXP_GET,
@@ -211,7 +212,7 @@ class CtSocket:
         while True:
             buf = self.sock.recv(RECV_SIZE)
             errors: list = []
-            changes, bad, done = parse_changes(buf, errors=errors, kind=EV_NEW)
+            changes, bad, done = parse_block(buf, errors=errors, kind=EV_NEW)
             self.malformed += bad
             if changes:
                 yield changes

@@ -227,7 +227,7 @@ class SyncService:
     def resync(self) -> dict[str, Any]:
         now = time.monotonic()
         if self.role == "master":
-            self._start_resync(now)
+            self._start_resync(now, "operator request")
             return {"resync": "sending a full snapshot to the peer"}
         self._send_actions(self.receiver.ask_resync(now))
         return {"resync": "asked the master for a full snapshot"}
@@ -290,7 +290,7 @@ class SyncService:
         self._serve_control(ready)
         if self.sender is not None:
             if self.sender.resync_needed:
-                self._start_resync(now)
+                self._start_resync(now, "the peer missed frames the window no longer holds")
             self.channel.send_all(self.sender.next_frames(now, max_frames=MAX_FRAMES_PER_TURN))
             if self.sender.resyncing is False and self._resync_started is not None:
                 self._resync_done(now, self.sender.counters.snapshot_records_sent)
@@ -316,7 +316,7 @@ class SyncService:
             self.overruns += 1
             log.warning("conntrack event overrun: resync from a dump")
             self._drain_events()
-            self._start_resync(now)
+            self._start_resync(now, "event overrun")
             return
         if changes and self.sender is not None:
             selected = self.filter.select_changes(changes)
@@ -372,7 +372,7 @@ class SyncService:
                 elif ftype == wire.NACK:
                     self.sender.on_nack(*frame.payload, now)
                 else:
-                    self._start_resync(now)
+                    self._start_resync(now, "the peer asked")
             elif self.role == "backup":
                 actions.extend(self.receiver.on_frame(frame, now))
             elif ftype != wire.KEEPALIVE:
@@ -479,9 +479,10 @@ class SyncService:
         finally:
             sock.close()
 
-    def _start_resync(self, now: float) -> None:
+    def _start_resync(self, now: float, why: str) -> None:
         if self.sender is None:
             return
+        log.info("resync: snapshot to the peer (%s)", why)
         self._resync_started = now
         self._snap_base = self.sender.counters.snapshot_records_sent
         self.sender.start_resync(self._snapshot(), chunked=True)

@@ -50,3 +50,22 @@ def test_the_fast_paths_decide_as_the_addresses_say(t, nets, protos):
     want = t.proto not in ignored and not any(
         a in ipaddress.ip_network(n) for n in nets for a in (src, dst) if a.version == ipaddress.ip_network(n).version)
     assert EntryFilter(nets, protos).accepts(key) == want
+
+
+v4_port_tuples = st.builds(
+    lambda proto, s, d, sp, dp: cb.Tuple(proto, str(ipaddress.ip_address("198.18.0.0") + s),
+                                         str(ipaddress.ip_address("198.19.0.0") + d), sp, dp),
+    st.sampled_from([6, 17, 132]), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(1, 0xFFFF),
+    st.integers(1, 0xFFFF))
+
+
+@settings(max_examples=100)
+@given(st.lists(v4_port_tuples, min_size=16, max_size=60),
+       st.lists(st.sampled_from(NETS), max_size=3),
+       st.lists(st.sampled_from(["tcp", "udp", "sctp"]), max_size=2))
+def test_a_block_of_keys_is_filtered_as_one_by_one(ts, nets, protos):
+    changes = [(1, socket.AF_INET, cb.encode_tuple(CTA_TUPLE_ORIG, t), b"", 0) for t in ts]
+    one_by_one = EntryFilter(nets, protos)
+    want = [c for c in changes if one_by_one.accepts(c[2])]
+    block = EntryFilter(nets, protos)
+    assert block.select_changes(changes) == want and block.ignored == one_by_one.ignored
