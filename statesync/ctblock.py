@@ -39,6 +39,36 @@ def parse_block(buf: bytes, errors: list | None = None, kind: int = 0) -> tuple[
         off += (length + 3) & ~3
     if len(offsets) < MIN_MESSAGES or off != n:
         return parse_changes(buf, errors=errors, kind=kind)
+    parsed = parse_at(buf, offsets, errors, kind)
+    return parsed if parsed is not None else parse_changes(buf, errors=errors, kind=kind)
+
+
+def parse_slots(buf: bytes, offsets: list[int], lengths: list[int], errors: list | None = None,
+                kind: int = 0) -> tuple[list[tuple], int, bool]:
+    """parse_changes of each datagram buf[offsets[i]:offsets[i] + lengths[i]] (mmsg's slots),
+    concatenated: as arrays when every datagram is one message (events are)."""
+    if len(offsets) >= MIN_MESSAGES and len(buf) % 4 == 0:
+        o = np.array(offsets, np.int64)
+        if (np.frombuffer(buf, np.uint32)[o >> 2] == np.array(lengths, np.uint32)).all():
+            parsed = parse_at(buf, offsets, errors, kind)
+            if parsed is not None:
+                return parsed
+    out: list[tuple] = []
+    bad = 0
+    done = False
+    for at, length in zip(offsets, lengths):
+        changes, b, d = parse_changes(buf[at:at + length], errors=errors, kind=kind)
+        out += changes
+        bad += b
+        done = done or d
+    return out, bad, done
+
+
+def parse_at(buf: bytes, offsets: list[int], errors: list | None = None,
+             kind: int = 0) -> tuple[list[tuple], int, bool] | None:
+    """The messages starting at `offsets` (each within buf, 4-aligned), as parse_changes would
+    give them; None (and nothing added to `errors`) if the arrays cannot vouch for them all."""
+    words = memoryview(buf).cast("I")
     u16 = np.frombuffer(buf, np.uint16)
     u32 = np.frombuffer(buf, np.uint32)
     o = np.array(offsets, np.int64)
@@ -64,7 +94,7 @@ def parse_block(buf: bytes, errors: list | None = None, kind: int = 0) -> tuple[
     a2s = np.where(fits, a2, 0)
     fits &= (u16[(a2s + 2) >> 1] & NLA_TYPE_MASK) != CTA_ZONE
     if not fits.all():
-        return parse_changes(buf, errors=errors, kind=kind)
+        return None
     done = _control_messages(buf, offsets, mtype, length, ~ct, words, errors)
     if kind:
         kinds = [kind] * len(o)
@@ -94,4 +124,4 @@ def _control_messages(buf, offsets, mtype, length, which, words, errors) -> bool
     return done
 
 
-__all__ = ["parse_block", "MIN_MESSAGES", "EV_NEW"]
+__all__ = ["parse_block", "parse_slots", "parse_at", "MIN_MESSAGES", "EV_NEW"]

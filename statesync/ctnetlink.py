@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from . import ctbatch, ctmsg
-from .ctblock import parse_block
+from .ctblock import parse_block, parse_slots
+from .mmsg import DatagramReader, Truncated
 from .ctbuild import CtEntry, encode_entry, synthetic_entries  # noqa: F401  (re-exported)
 from .ctconst import (  # noqa: F401  (EV_* re-exported)
     CT_DELETE, CT_EVENT_GROUPS, CT_GET, CT_NEW, EV_DESTROY, EV_NEW, EV_UPDATE, EXP_DELETE, EXP_GET,
@@ -122,6 +123,7 @@ class CtSocket:
         self._seq = 1
         self._seq_lock = threading.Lock()
         self.malformed = 0  # messages from the kernel that did not parse (dropped)
+        self._reader: DatagramReader | None = None  # made on the first recv_changes
 
     @classmethod
     def events(cls, rcvbuf: int = 64 << 20) -> "CtSocket":
@@ -174,6 +176,8 @@ class CtSocket:
         Raises Overrun on ENOBUFS (events already parsed in this call are lost
         too: the caller resyncs from a dump anyway).
         """
+        if DatagramReader.available:
+            return self._recv_slots(block, max_datagrams)
         recv = self.sock.recv
         out: list[tuple] = []
         flags = 0 if block else socket.MSG_DONTWAIT
@@ -191,6 +195,31 @@ class CtSocket:
                 self.malformed += bad
             out += changes
             flags = socket.MSG_DONTWAIT
+        return out
+
+    def _recv_slots(self, block: bool, max_datagrams: int) -> list[tuple]:
+        """recv_changes by recvmmsg: SLOTS events per system call, parsed as arrays."""
+        if self._reader is None:
+            self._reader = DatagramReader(self.fileno())
+        out: list[tuple] = []
+        got = 0
+        while got < max_datagrams:
+            try:
+                buf, offsets, lengths = self._reader.read(block)
+            except Truncated as e:  # an event cut short: the table is no longer mirrored
+                raise Overrun(str(e)) from e
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise Overrun("conntrack event queue overran (ENOBUFS)") from e
+                raise
+            changes, bad, _ = parse_slots(buf, offsets, lengths)
+            if bad:
+                self.malformed += bad
+            out += changes
+            got += len(offsets)
+            if len(offsets) < self._reader.slots:
+                break
+            block = False
         return out
 
     # --- dump ------------------------------------------------------------------------

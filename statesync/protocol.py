@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from itertools import repeat
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
@@ -41,6 +43,8 @@ from . import wire
 from .wire import (
     DATA, FLAG_SNAPSHOT, KEEPALIVE, OP_DELETE, OP_UPSERT, RESYNC_BEGIN, RESYNC_END, Frame, WireError,
 )
+
+_KIND, _FAMILY, _KEY, _ATTRS = (itemgetter(i) for i in range(4))  # of a change tuple
 
 
 class Change(Protocol):
@@ -121,12 +125,16 @@ class Sender:
         pending = self.pending
         destroy = self.destroy_kind
         before = len(pending)
-        for kind, family, key, attrs, *_ in changes:
-            pending[key] = (OP_DELETE, family, b"") if kind == destroy else (OP_UPSERT, family, attrs)
+        keys = list(map(_KEY, changes))
+        if destroy not in map(_KIND, changes):  # a burst of new entries: no Python loop
+            pending.update(zip(keys, zip(repeat(OP_UPSERT), map(_FAMILY, changes), map(_ATTRS, changes))))
+        else:
+            for kind, family, key, attrs, *_ in changes:
+                pending[key] = (OP_DELETE, family, b"") if kind == destroy else (OP_UPSERT, family, attrs)
         # every change either added a key or replaced a pending one
         self.counters.events_coalesced += len(changes) - (len(pending) - before)
         if self._snapshot is not None:
-            self._touched.update(c[2] for c in changes)
+            self._touched.update(keys)
         self.counters.events_staged += len(changes)
 
     def on_ack(self, seq: int, now: float) -> None:

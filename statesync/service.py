@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from operator import itemgetter
 from typing import Any, Iterator
 
 import zmq
@@ -327,6 +328,9 @@ class SyncService:
         """As Master our own table grows from traffic: hold those keys as if replicated, so
         that a purge after we are Backup again removes the ones the new Master lacks."""
         held = self.receiver.held
+        if EV_DESTROY not in map(itemgetter(0), changes):
+            held.update(map(itemgetter(2), changes))
+            return
         for kind, _family, key, *_ in changes:
             if kind == EV_DESTROY:
                 held.discard(key)

@@ -55,3 +55,34 @@ def test_a_dump_of_one_layout_takes_the_array_path(monkeypatch):
     assert bad == 0 and not done and len(changes) == 200
     assert [c[2] for c in changes] == [ctmsg.key_of(a) for _, a in entries_]
     assert all(c[0] == EV_NEW and c[1] == socket.AF_INET for c in changes)
+
+
+def _slots(datagrams, width=2048):
+    """Datagrams laid out as mmsg.DatagramReader lays them: one per fixed-size slot."""
+    buf = b"".join(d + b"\xee" * (width - len(d)) for d in datagrams)  # junk after each one
+    return buf, [i * width for i in range(len(datagrams))], [len(d) for d in datagrams]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages(zones=False), min_size=0, max_size=40) | st.lists(messages(), min_size=0, max_size=20),
+       st.integers(0, 3))
+def test_slots_give_what_each_datagram_gives(msgs, merge):
+    # events come one message per datagram; a datagram of several (merge) takes the walk
+    datagrams = [b"".join(msgs[i:i + 1 + merge]) for i in range(0, len(msgs), 1 + merge)]
+    errors_a, errors_b = [], []
+    got = ctblock.parse_slots(*_slots(datagrams), errors=errors_a)
+    want = ([], 0, False)
+    for d in datagrams:
+        c, bad, done = ctmsg.parse_changes(d, errors=errors_b)
+        want = (want[0] + c, want[1] + bad, want[2] or done)
+    assert got == want and errors_a == errors_b
+
+
+def test_events_in_slots_take_the_array_path(monkeypatch):
+    entries_ = cb.synthetic_entries(64)
+    msgs = [NFGEN_HDR.pack(NFGEN_HDR_LEN + len(a), CT_NEW, NLM_F_CREATE | NLM_F_EXCL, 0, 0, f, 0, 0) + a
+            for f, a in entries_]
+    monkeypatch.setattr(ctblock, "parse_changes", None)
+    changes, bad, done = ctblock.parse_slots(*_slots(msgs))
+    assert bad == 0 and not done
+    assert [c[2] for c in changes] == [ctmsg.key_of(a) for _, a in entries_]
