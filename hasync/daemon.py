@@ -96,6 +96,8 @@ def run(config_path: Path) -> int:
 
             sync = SyncSupervisor(cfg)
             sync.start()
+            if not sync.wait_started():
+                log.warning("sync service has not answered yet: joining the pair without it")
         transitions = TransitionCounter()
         if cfg.metrics_port:
             # before set_realtime: the HTTP thread must not inherit SCHED_FIFO

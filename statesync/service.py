@@ -184,6 +184,8 @@ class SyncService:
         accepts = self.filter.accepts
         self.dumps += 1
         self.receiver.held.update(c[2] for c in self.ct.dump_changes() if accepts(c[2]))
+        log.info("start: %d entries in the table from before, held until the first resync",
+                 len(self.receiver.held))
 
     # ---- control commands (statesync.control) -----------------------------------------
 

@@ -29,6 +29,7 @@ log = logging.getLogger("hasync.sync")
 
 STATUS_EVERY_S = 0.5
 COMMIT_WAIT_S = 10.0
+START_WAIT_S = 5.0  # the longest a starting daemon waits for its sync child (see wait_started)
 SYNC_NICE = 10
 
 
@@ -45,6 +46,7 @@ class SyncSupervisor:
         self._role = "backup"
         self._requests: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
+        self._answered = threading.Event()  # the child answered once: its start-up is over
 
     @staticmethod
     def _argv(cfg: NodeConfig) -> list[str]:
@@ -81,6 +83,12 @@ class SyncSupervisor:
             self.child.restart()
         return changed
 
+    def wait_started(self, timeout: float = START_WAIT_S) -> bool:
+        """Until the child first answers. Its start-up dumps the conntrack table (held keys),
+        and a dump stalls a CPU for ~15 ms (statesync.service): a node that joins its pair only
+        after that cannot mistake the stall for a lost peer. False at the timeout."""
+        return self._answered.wait(timeout)
+
     def stop(self) -> None:
         self._stopping.set()
         self._requests.put(None)
@@ -115,6 +123,8 @@ class SyncSupervisor:
                 if not self._stopping.is_set() and self.child.running():
                     self._requests.put((req, done))
                     continue
+            if reply.get("ok"):
+                self._answered.set()
             if cmd == "status":
                 self._status = reply if reply.get("ok", True) else None
             if done is not None:

@@ -178,6 +178,11 @@ def test_resync_after_backup_restart(synced):
     lab.save()
     commands.wait_until(lab, lambda s: s == STEADY, 20)
     assert wait_count(lab, "fw2", 30, "-p", "tcp", "--dport", "443", timeout=15) == 30
+    # the sync child's start-up dump (a CPU stall) was over before the node joined the pair
+    log = (lab.node_dir("fw2") / "hasync.log").read_text().splitlines()
+    held = max(i for i, line in enumerate(log) if "statesync" in line and "held until the first resync" in line)
+    started = max(i for i, line in enumerate(log) if "hasync fw2 started" in line)
+    assert held < started, log[-20:]
     # and an operator resync converges too
     run(lab, "fw2", ["conntrack", "-D", "-p", "tcp", "--dport", "443"])
     reply = nsctl.ask(lab, "fw1", "resync")
@@ -188,15 +193,32 @@ def test_resync_after_backup_restart(synced):
 def _failback_and_switchovers(lab) -> None:
     faults.restore(lab, "fw1")
     commands.wait_until(lab, lambda s: s == STEADY, 20)  # preempts once its table is resynced
-    time.sleep(1.5)
+    wait_backup_synced(lab, "fw2")  # the failback's own resync is done and counted
     for fw, expected in (("fw1", {"fw1": "BACKUP", "fw2": "MASTER"}), ("fw2", STEADY)):
         before = sync_dumps(lab)
         assert nsctl.ask(lab, fw, "switchover")["ok"]
         commands.wait_until(lab, lambda s: s == expected, 10)
-        time.sleep(1.5)
+        wait_backup_synced(lab, next(n for n, state in expected.items() if state == "BACKUP"))
         # a dump stalls a CPU (~15 ms): a switchover may cost one, the new Master's snapshot
         after = sync_dumps(lab)
-        assert sum(after.values()) - sum(before.values()) <= 1, (before, after)
+        assert sum(after.values()) - sum(before.values()) <= 1, (before, after, role_log(lab))
+
+
+def wait_backup_synced(lab, fw: str, timeout: float = 20.0) -> None:
+    """Until the Backup `fw` says it holds the whole table: its resync is over."""
+    deadline = time.monotonic() + timeout
+    def synced(sync: dict) -> bool:
+        return sync.get("role") == "backup" and sync.get("synced")
+    while not synced((nsctl.try_status(lab, fw) or {}).get("sync") or {}):
+        assert time.monotonic() < deadline, (f"{fw} not synced after {timeout} s", role_log(lab))
+        time.sleep(0.1)
+
+
+def role_log(lab) -> dict:
+    """Each node's log lines about role changes and resyncs: shown when a test fails."""
+    return {fw: [line for line in (lab.node_dir(fw) / "hasync.log").read_text().splitlines()
+                 if "->" in line or "resync" in line or "seated" in line or "role" in line]
+            for fw in ("fw1", "fw2")}
 
 
 def sync_dumps(lab) -> dict:
@@ -218,10 +240,8 @@ def test_sessions_survive_failback_and_switchovers(synced):
     run(lab, "fw1", ["conntrack", "-D", "-p", "tcp", "--dport", "7001"], check=False)  # earlier tests'
     assert wait_count(lab, "fw2", 0, "-p", "tcp", "--dport", "7001") == 0
     report = sessions_through_crash(lab, count=50, then=_failback_and_switchovers)
-    for fw in ("fw1", "fw2"):  # shown on failure: the role changes and resyncs
-        log = (lab.node_dir(fw) / "hasync.log").read_text().splitlines()
-        print(fw, *[line for line in log if "->" in line or "resync" in line or "seated" in line],
-              sep="\n  ")
+    for fw, lines in role_log(lab).items():  # shown on failure: the role changes and resyncs
+        print(fw, *lines, sep="\n  ")
     print({k: v for k, v in report.items() if k != "sessions"}, report["sessions"][:2])
     assert report["established"] == 50
     assert report["sessions_reset"] == 0
