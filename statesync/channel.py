@@ -64,6 +64,7 @@ class ChannelCounters:
     hellos_refused: int = 0  # HELLOs we answered with REFUSE
     refused_by_peer: int = 0  # REFUSEs we received
     sessions: int = 0
+    reconnects: int = 0  # fresh connections to a peer that restarted (see Channel._reconnect)
 
 
 def _endpoint(address: str, port: int) -> str:
@@ -121,6 +122,7 @@ class Channel:
         self._established = False
         self._new_session = False
         self._next_hello = float("-inf")
+        self._owe_hello_ok = False
 
         self.auth = zmq.auth.thread.ThreadAuthenticator(self.ctx)
         self.auth.start()
@@ -159,7 +161,8 @@ class Channel:
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             # "src;dst": leave from the HA link address, never from another interface
             src = f"[{local_address}]" if ipv6 else local_address
-            self.tx.connect(_endpoint(peer_address, port).replace("tcp://", f"tcp://{src}:0;"))
+            self._tx_endpoint = _endpoint(peer_address, port).replace("tcp://", f"tcp://{src}:0;")
+            self.tx.connect(self._tx_endpoint)
         except BaseException:
             self.close()
             raise
@@ -234,7 +237,9 @@ class Channel:
         return out
 
     def tick(self, now: float) -> None:
-        """Repeat our HELLO until the peer answers it."""
+        """Repeat our HELLO until the peer answers it; send a HELLO_OK we still owe."""
+        if self._owe_hello_ok and self._tx_up and self.peer is not None:
+            self._owe_hello_ok = not self.send(wire.encode(Frame(wire.HELLO_OK)))
         if not self._hello_ok and now >= self._next_hello:
             self._next_hello = now + self.hello_retry
             if self._tx_up and not self.send(wire.encode(Frame(wire.HELLO, 0, self.hello))):
@@ -258,8 +263,10 @@ class Channel:
                 return
             if self.peer is not None and self.peer.boot_id != remote.boot_id:
                 self._established = False  # the peer restarted under us: a new session
+                self._reconnect()
             self.peer = remote
-            self.send(wire.encode(Frame(wire.HELLO_OK)))
+            # no connection to the peer yet (just reconnecting): answer once there is one
+            self._owe_hello_ok = not self.send(wire.encode(Frame(wire.HELLO_OK)))
         elif frame.type == wire.HELLO_OK:
             self._hello_ok = True
         else:  # REFUSE
@@ -267,6 +274,17 @@ class Channel:
             self.refused_reason = self.last_refusal = f"the peer refused us: {frame.payload}"
             self._hello_ok = False
         self._update_established()
+
+    def _reconnect(self) -> None:
+        """Connect afresh to a restarted peer. Our connection led to its old process, which
+        may have died without a word (a crash sends no FIN): our HELLO_OK would go down it
+        and be lost until TCP or ZMTP notice, seconds later. libzmq handles the old session's
+        end before the new handshake (one I/O thread), so the events come in that order."""
+        self.counters.reconnects += 1
+        self.tx.disconnect(self._tx_endpoint)
+        self.tx.connect(self._tx_endpoint)
+        self._tx_up = False
+        self._hello_ok = False
 
     def _update_established(self) -> None:
         now_up = self._tx_up and self._hello_ok and self.peer is not None

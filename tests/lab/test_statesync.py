@@ -194,6 +194,9 @@ def _failback_and_switchovers(lab) -> None:
     faults.restore(lab, "fw1")
     commands.wait_until(lab, lambda s: s == STEADY, 20)  # preempts once its table is resynced
     wait_backup_synced(lab, "fw2")  # the failback's own resync is done and counted
+    # fw2 connected afresh to the restarted fw1 (its old connection led to a killed process)
+    channel = ((nsctl.try_status(lab, "fw2") or {}).get("sync") or {}).get("channel") or {}
+    assert channel.get("reconnects", 0) >= 1, channel
     for fw, expected in (("fw1", {"fw1": "BACKUP", "fw2": "MASTER"}), ("fw2", STEADY)):
         before = sync_dumps(lab)
         assert nsctl.ask(lab, fw, "switchover")["ok"]
