@@ -40,6 +40,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/hasync/hasync.toml")
 DEFAULT_CONTROL_SOCKET = "@hasync"  # abstract unix socket: one per network namespace
 DEFAULT_HEARTBEAT_PORT = 7609
 DEFAULT_SYNC_PORT = 7610
+DEFAULT_HOLD_TIMEOUT = 432000  # 5 days: as long as an established TCP entry lives by default
 DEFAULT_STATE_DIR = Path("/var/lib/hasync")
 DEFAULT_PRIORITY = {"master": 150, "backup": 100}
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"  # a firewall does not publish its internals by default
@@ -120,6 +121,9 @@ class SyncConfig:
     curve_secret_key_file: Path | None = None  # this node's CURVE key pair (secret file)
     peer_public_key: str = ""  # the peer's CURVE public key (z85), pinned
     mode: str = "kernel"  # "kernel": apply into the Backup's kernel at once; "cache": commit on takeover
+    # kernel mode: the Backup's copies get at least this timeout (s) and go when the Master
+    # says so; the Master's own timers restart on packets without an event (statesync.service)
+    hold_timeout: int = DEFAULT_HOLD_TIMEOUT
     replicated_paths: tuple[str, ...] = ()  # config sync: files, directories, globs
     reload_hooks: Mapping[str, str] = field(default_factory=dict)  # path/glob -> command
     ignore_protocols: tuple[str, ...] = ()
@@ -472,6 +476,7 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
     enabled = t.boolean("enabled", True)
     port = _port(t, "port", DEFAULT_SYNC_PORT)
     mode = _choice(t.field("mode"), t.string("mode", "kernel"), ("kernel", "cache"))
+    hold_timeout = t.integer("hold_timeout", DEFAULT_HOLD_TIMEOUT, lo=0, hi=2**31 - 1)
     secret_text = t.string("curve_secret_key_file", None)
     secret_file = _relative_to(base_dir, secret_text) if secret_text else None
     if enabled and secret_file is not None:
@@ -508,7 +513,7 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
             raise ConfigError(f"{t.field('ignore_addresses')}[{i}]", f"'{text}' is not a CIDR network: {exc}") from None
     t.done()
     return SyncConfig(enabled=enabled, port=port, curve_secret_key_file=secret_file,
-                      peer_public_key=peer_key, mode=mode, replicated_paths=replicated,
+                      peer_public_key=peer_key, mode=mode, hold_timeout=hold_timeout, replicated_paths=replicated,
                       reload_hooks=hooks, ignore_protocols=protocols, ignore_addresses=tuple(networks))
 
 
@@ -822,6 +827,7 @@ def to_toml_dict(cfg: NodeConfig) -> dict:
         "enabled": sync.enabled,
         "port": sync.port,
         "mode": sync.mode,
+        "hold_timeout": sync.hold_timeout,
         "peer_public_key": sync.peer_public_key,
         "replicated_paths": list(sync.replicated_paths),
         "reload_hooks": dict(sync.reload_hooks),

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .ctconst import (
-    CT_NEW, CTA_NAT_DST, CTA_NAT_SRC, CTA_PROTOINFO, CTA_STATUS, CTA_TUPLE_MASTER, CTA_TUPLE_ORIG,
+    CT_NEW, CTA_NAT_DST, CTA_NAT_SRC, CTA_PROTOINFO, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_MASTER, CTA_TUPLE_ORIG,
     CTA_TUPLE_REPLY, IPS_CONFIRMED, IPS_EXPECTED, KEPT_ATTRS, NFGEN_HDR, NFGEN_HDR_LEN, NLA_HDR,
     NLA_TYPE_MASK,
 )
@@ -52,6 +52,7 @@ class Layout:
     reply: int  # offset of CTA_TUPLE_REPLY
     status: int  # offset of CTA_STATUS's value
     addr_len: int  # 4 or 16
+    timeout: int = -1  # offset of CTA_TIMEOUT's value, -1 if the layout has none
 
 
 def learn(attrs: bytes) -> Layout | None:
@@ -64,6 +65,7 @@ def learn(attrs: bytes) -> Layout | None:
     check: list[tuple[int, bytes]] = []
     common: list[Piece] = []
     orig = reply = status = None
+    timeout = -1
     while off + 4 <= end:
         alen, atype = unpack(attrs, off)
         if alen < 4 or off + alen > end:
@@ -86,6 +88,8 @@ def learn(attrs: bytes) -> Layout | None:
                 return None
             common.extend(piece)
         elif t in KEPT_ATTRS:
+            if t == CTA_TIMEOUT and alen == 8:
+                timeout = off + 4
             common.append(("in", off, nxt))
         off = nxt
     if off != end or orig is None or reply is None or status is None:
@@ -102,7 +106,7 @@ def learn(attrs: bytes) -> Layout | None:
         # the five headers ctcreate's layout checks, and the IP and proto nests
         check.extend((base + o, h) for (o, h) in _PORT_TUPLE_SHAPE[L])
         check.extend((base + o, t[o:o + 4]) for o in (4, 16 + 2 * L))
-    return Layout(end, tuple(check), tuple(common), orig, reply, status, L)
+    return Layout(end, tuple(check), tuple(common), orig, reply, status, L, timeout)
 
 
 def _protoinfo_pieces(attrs: bytes, start: int, stop: int, check: list) -> list[Piece] | None:
@@ -175,13 +179,14 @@ class Program:
     runs: tuple[tuple[int, int, int], ...]  # (output column, input column, length): from the entry
     consts: tuple[tuple[int, bytes], ...]  # (output column, bytes): the same in every row
     status_byte: int  # output column of the status' lowest byte (IPS_CONFIRMED is ORed in)
+    timeout_at: int = -1  # output column of CTA_TIMEOUT's value (raised to a hold), -1: none
 
 
 def compile_form(pieces: list[Piece], lay: Layout, family: int, flags: int) -> Program:
     runs: list[list[int]] = []
     consts: list[tuple[int, bytes]] = []
     pos = NFGEN_HDR_LEN
-    status_byte = -1
+    status_byte = timeout_at = -1
     for piece in pieces:
         if piece is STATUS:
             consts.append((pos, _STATUS_HDR))
@@ -193,17 +198,20 @@ def compile_form(pieces: list[Piece], lay: Layout, family: int, flags: int) -> P
             pos += len(piece[1])
             continue
         _, a, b = piece
+        if a <= lay.timeout < b:
+            timeout_at = pos + lay.timeout - a
         if runs and runs[-1][0] + runs[-1][2] == pos and runs[-1][1] + runs[-1][2] == a:
             runs[-1][2] += b - a  # adjacent in both: one longer copy
         else:
             runs.append([pos, a, b - a])
         pos += b - a
     header = NFGEN_HDR.pack(pos, CT_NEW, flags, 0, 0, family, 0, 0)
-    return Program(pos, header, tuple(map(tuple, runs)), tuple(consts), status_byte)
+    return Program(pos, header, tuple(map(tuple, runs)), tuple(consts), status_byte, timeout_at)
 
 
-def run_program(prog: Program, rows: np.ndarray, seq0: int) -> bytes:
-    """Requests for `rows` (k, L) with sequence numbers seq0, seq0 + 1, ..."""
+def run_program(prog: Program, rows: np.ndarray, seq0: int, hold: int = 0) -> bytes:
+    """Requests for `rows` (k, L) with sequence numbers seq0, seq0 + 1, ...; `hold`: each
+    CTA_TIMEOUT raised to at least that many seconds (as ctcreate.prepare does)."""
     k = rows.shape[0]
     out = np.empty((k, prog.width), np.uint8)
     out[:, :NFGEN_HDR_LEN] = np.frombuffer(prog.header, np.uint8)
@@ -212,6 +220,9 @@ def run_program(prog: Program, rows: np.ndarray, seq0: int) -> bytes:
     for dst, data in prog.consts:
         out[:, dst:dst + len(data)] = np.frombuffer(data, np.uint8)
     out[:, prog.status_byte] |= IPS_CONFIRMED & 0xFF
+    if hold and prog.timeout_at >= 0:
+        timeout = out[:, prog.timeout_at:prog.timeout_at + 4].view(">u4")
+        np.maximum(timeout, np.array(hold, ">u4"), out=timeout)
     seqs = (np.arange(k, dtype=np.uint64) + seq0) & 0xFFFFFFFF
     out[:, 8:12] = seqs.astype(np.uint32).view(np.uint8).reshape(k, 4)  # nlmsg_seq, host order
     return out.tobytes()
@@ -302,7 +313,7 @@ class GroupOutput:
     rest: np.ndarray  # indices of entries left to ctcreate.prepare
 
 
-def frame_group(family: int, attrs_list: list[bytes], seq0: int, likely_new: bool) -> GroupOutput:
+def frame_group(family: int, attrs_list: list[bytes], seq0: int, likely_new: bool, hold: int = 0) -> GroupOutput:
     """Requests for entries of one family and one length; sequence numbers from seq0 on, in
     the order of `order`. Entries the matrix cannot take are returned in `rest`."""
     n = len(attrs_list)
@@ -323,7 +334,7 @@ def frame_group(family: int, attrs_list: list[bytes], seq0: int, likely_new: boo
             continue
         prog = progs[c >= 2, c & 1 == 1, likely_new]
         block = rows if len(idx) == n else rows[idx]
-        blocks.append((run_program(prog, block, seq), prog.width, len(idx)))
+        blocks.append((run_program(prog, block, seq, hold), prog.width, len(idx)))
         order.append(idx)
         seq = (seq + len(idx)) & 0xFFFFFFFF
     order_arr = concat(order, np.int64)

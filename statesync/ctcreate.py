@@ -31,7 +31,7 @@ from .ctconst import (
     BE16, BE32, CT_NEW, CTA_NAT_DST, CTA_NAT_SRC, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
     CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY, CTA_PROTOINFO_TCP_STATE,
     CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, CTA_PROTOINFO_TCP_WSCALE_REPLY, CTA_STATUS,
-    CTA_TUPLE_MASTER, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    CTA_TIMEOUT, CTA_TUPLE_MASTER, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPS_CONFIRMED, IPS_EXPECTED, KEPT_ATTRS, NFGEN_HDR, NFGEN_HDR_LEN, NLA_F_NESTED,
     NLA_HDR, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 )
@@ -47,6 +47,7 @@ CTA_PROTONAT_PORT_MAX = 2
 _PORT_PROTOS = frozenset({6, 17, 33, 132, 136})  # TCP, UDP, DCCP, SCTP, UDPLITE
 
 _STATUS_HDR = NLA_HDR.pack(8, CTA_STATUS)
+_TIMEOUT_HDR = NLA_HDR.pack(8, CTA_TIMEOUT)
 _REPLY_HDRS = {L: NLA_HDR.pack(44 + 2 * L, CTA_TUPLE_REPLY | NLA_F_NESTED) for L in (4, 16)}
 # attribute headers of a port tuple as the kernel lays it out: (offset, bytes) per address length
 _PORT_TUPLE_SHAPE = {
@@ -63,11 +64,12 @@ CREATE_EXCL_FLAGS = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
 UPDATE_FLAGS = NLM_F_REQUEST
 
 
-def prepare(attrs: bytes) -> tuple[bytes, bytes | None]:
+def prepare(attrs: bytes, hold: int = 0) -> tuple[bytes, bytes | None]:
     """(create_body, update_body) for a captured entry.
 
     update_body is None when create_body serves for both (plain entry: send it
-    with NLM_F_CREATE and no NLM_F_EXCL).
+    with NLM_F_CREATE and no NLM_F_EXCL). `hold`: CTA_TIMEOUT is raised to at least
+    this many seconds (the Backup holds its copies: see statesync.service, HOLD).
     """
     plan = _PLANS.get(len(attrs))
     if plan is None or plan.read_headers(attrs) != plan.headers:
@@ -77,6 +79,8 @@ def prepare(attrs: bytes) -> tuple[bytes, bytes | None]:
     if plan.protoinfo is not None:
         for i in plan.protoinfo:
             common[i] = _tcp_flags_masked(common[i])
+    if hold and plan.timeout is not None and BE32.unpack_from(attrs, plan.timeout)[0] < hold:
+        common[plan.timeout_piece] = _TIMEOUT_HDR + BE32.pack(hold)
     orig = attrs[plan.orig]
     reply = attrs[plan.reply]
     status = None if plan.status is None else BE32.unpack_from(attrs, plan.status)[0] | IPS_CONFIRMED
@@ -108,11 +112,12 @@ def prepare(attrs: bytes) -> tuple[bytes, bytes | None]:
 # lengths, so every decision the walk made holds) and cut with precomputed slices.
 
 class _Plan:
-    __slots__ = ("headers", "read_headers", "common", "protoinfo", "orig", "reply", "status", "master")
+    __slots__ = ("headers", "read_headers", "common", "protoinfo", "orig", "reply", "status", "master",
+                 "timeout", "timeout_piece")
 
     def __init__(self, offsets: list[int], headers: tuple[bytes, ...], common: list[slice],
                  protoinfo: tuple[int, ...] | None, orig: slice, reply: slice, status: int | None,
-                 master: slice | None):
+                 master: slice | None, timeout: int | None = None, timeout_piece: int = -1):
         fmt, pos = ["="], 0
         for off in offsets:
             fmt.append(f"{off - pos}x4s")
@@ -122,6 +127,7 @@ class _Plan:
         self.common = common
         self.protoinfo = protoinfo
         self.orig, self.reply, self.status, self.master = orig, reply, status, master
+        self.timeout, self.timeout_piece = timeout, timeout_piece  # CTA_TIMEOUT's value; its index in common
 
 
 _PLANS: dict[int, _Plan] = {}  # by attribute bytes length; a clash just relearns
@@ -136,7 +142,8 @@ def _learn(attrs: bytes) -> _Plan:
     offsets: list[int] = []
     common: list[slice] = []
     protoinfo: list[int] = []
-    orig = reply = master = status = None
+    orig = reply = master = status = timeout = None
+    timeout_piece = -1
     while off + 4 <= end:
         alen, atype = unpack(attrs, off)
         if alen < 4 or off + alen > end:
@@ -145,7 +152,10 @@ def _learn(attrs: bytes) -> _Plan:
         nxt = off + ((alen + 3) & ~3)
         t = atype & NLA_TYPE_MASK
         here = slice(off, nxt)
-        if t == CTA_TUPLE_ORIG:
+        if t == CTA_TIMEOUT and alen == 8:
+            timeout, timeout_piece = off + 4, len(common)
+            common.append(here)
+        elif t == CTA_TUPLE_ORIG:
             orig = here
             common.append(here)
         elif t == CTA_TUPLE_REPLY:
@@ -163,7 +173,7 @@ def _learn(attrs: bytes) -> _Plan:
     if orig is None or reply is None:
         raise MalformedMessage("entry without both tuples")
     plan = _Plan(offsets, tuple(attrs[o:o + 4] for o in offsets), common, tuple(protoinfo) or None,
-                 orig, reply, status, master)
+                 orig, reply, status, master, timeout, timeout_piece)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[end] = plan

@@ -97,6 +97,7 @@ class FramedApply:
     has_other: list  # per request: a NATed/related entry, whose other form a retry may need
     likely_new: bool  # first form was create (retry update on EEXIST), else the reverse
     malformed: int = 0  # entries that did not prepare (counted as EINVAL when sent)
+    hold: int = 0  # CTA_TIMEOUT raised to at least this (ctcreate.prepare), retries included
 
     @property
     def count(self) -> int:
@@ -305,18 +306,20 @@ class CtSocket:
         """
         return self.send_framed(self.frame_apply(entries, likely_new))
 
-    def frame_apply(self, entries: Iterable[tuple[int, bytes]], likely_new: bool = True) -> "FramedApply":
+    def frame_apply(self, entries: Iterable[tuple[int, bytes]], likely_new: bool = True,
+                    hold: int = 0) -> "FramedApply":
         """The Python half of `apply`: prepare and frame every request, no I/O (a caller may
-        frame the next batch in one thread while another thread sends this one).
+        frame the next batch in one thread while another thread sends this one). `hold`:
+        timeouts raised to at least that many seconds (see ctcreate.prepare).
 
         Entries of one family and length come in thousands (a burst, a resync): those are
         rewritten as a matrix (ctbatch); the rest, and what the matrix refuses, one by one."""
         entries = entries if isinstance(entries, list) else list(entries)
         seq = self._next_seq(len(entries) + 1)
-        framed = FramedApply([], seq, entries, [], [], likely_new)
+        framed = FramedApply([], seq, entries, [], [], likely_new, hold=hold)
         one_by_one: list[int] = []
         for family, members in ctbatch.groups(entries, one_by_one):
-            out = ctbatch.frame_group(family, [entries[i][1] for i in members], seq, likely_new)
+            out = ctbatch.frame_group(family, [entries[i][1] for i in members], seq, likely_new, hold)
             for data, width, count in out.blocks:
                 _cut(data, width, count, framed.chunks)
             framed.index.append(members[out.order])
@@ -341,7 +344,7 @@ class CtSocket:
         for i in which:
             family, attrs = entries[i]
             try:
-                create, update = prepare(attrs)
+                create, update = prepare(attrs, framed.hold)
             except MalformedMessage:
                 framed.malformed += 1
                 continue
@@ -393,7 +396,7 @@ class CtSocket:
                 continue  # not one of ours (a late reply to an earlier request)
             if framed.has_other[i] and err == retry_err:
                 family, attrs = framed.entries[framed.index[i]]
-                create, update = prepare(attrs)  # the other form: create <-> update
+                create, update = prepare(attrs, framed.hold)  # the other form: create <-> update
                 again.append((family, second_flags, update if framed.likely_new else create))
             else:
                 result.errors[err] += 1

@@ -428,8 +428,10 @@ class SyncService:
         deletes = [r[2] for r in records if r[0] == wire.OP_DELETE] if len(upserts) < len(records) else []
         reseats = [r[2] for r in records if r[0] == wire.OP_UPSERT and is_tcp_key(r[2])] if reseat else []
         # framed here (Python work), sent by the writer (kernel work): the two overlap
-        self.writer.submit(self._write_kernel, self.ct.frame_apply(upserts) if upserts else None, deletes,
-                           reseats)
+        # held: the Master restarts its entries' timers on packets without an event, so our
+        # copies must not die by the timeout of the last event (config sync.hold_timeout)
+        framed = self.ct.frame_apply(upserts, hold=self.cfg.sync.hold_timeout) if upserts else None
+        self.writer.submit(self._write_kernel, framed, deletes, reseats)
 
     def _write_kernel(self, upserts: FramedApply | None, deletes: list, reseats: list) -> None:
         # in the writer thread; `reseats`: TCP keys of `upserts` to re-create (CtSocket.reseat)

@@ -162,6 +162,40 @@ def test_udp_flows_and_deletions_replicate(synced):
     assert wait_count(lab, "fw2", 0, "-p", "udp", "--dport", "9") == 0
 
 
+def test_the_backup_holds_a_flow_the_master_keeps_alive(synced):
+    """A flow's packets restart the Master's timer without an event: the Backup's copy must not
+    die by the timeout of the flow's last event (sync.hold_timeout), and goes when the Master's does."""
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    wait_sync_connected(lab)
+    sysctl = "net.netfilter.nf_conntrack_udp_timeout"
+    before = {fw: run(lab, fw, ["sysctl", "-n", sysctl]).stdout.strip() for fw in ("fw1", "fw2")}
+    flow = ("-p", "udp", "--sport", "41000", "--dport", "9")
+    code = ("import socket, time\n"
+            "s = socket.socket(2, 2); s.bind(('0.0.0.0', 41000))\n"
+            f"while True:\n    s.sendto(b'x', ('{SERVER}', 9)); time.sleep(0.3)\n")
+    pid = None
+    try:
+        for fw in ("fw1", "fw2"):
+            run(lab, fw, ["sysctl", "-qw", f"{sysctl}=3"])
+        pid = start_process(lab, "client", [sys.executable, "-c", code], "udp-keepalive")
+        assert wait_count(lab, "fw2", 1, *flow) == 1
+        time.sleep(7.0)  # over twice the timeout: the Master's entry lives on packets alone
+        assert conntrack_count(lab, "fw1", *flow) == 1, "the flow is not alive on the Master"
+        out = run(lab, "fw2", ["conntrack", "-L", *flow], check=False).stdout.split()
+        assert out, "the Backup's copy of a live flow died by its last event's timeout"
+        assert int(out[2]) > 3600, out  # held, not counting down from 3 s
+    finally:
+        if pid is not None:
+            stop_process(pid)
+            lab.pids.pop("udp-keepalive", None)
+            lab.save()
+        for fw, value in before.items():
+            run(lab, fw, ["sysctl", "-qw", f"{sysctl}={value}"], check=False)
+    run(lab, "fw1", ["conntrack", "-D", *flow], check=False)
+    assert wait_count(lab, "fw2", 0, *flow) == 0  # the Master's destroy removes the held copy
+
+
 def test_resync_after_backup_restart(synced):
     lab = synced
     commands.wait_until(lab, lambda s: s == STEADY, 20)

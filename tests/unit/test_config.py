@@ -142,6 +142,8 @@ STATIC_ERRORS = [
     (set_in("sync", "curve_secret_key_file", "nope.key_secret"), "sync.curve_secret_key_file", "missing"),
     (set_in("sync", "peer_public_key", "short"), "sync.peer_public_key", "z85"),
     (set_in("sync", "mode", "fast"), "sync.mode", "kernel"),
+    (set_in("sync", "hold_timeout", -1), "sync.hold_timeout", "0"),
+    (set_in("sync", "hold_timeout", "1d"), "sync.hold_timeout", "integer"),
     (set_in("sync", "ignore_addresses", ["not-a-net"]), "sync.ignore_addresses[0]", "CIDR"),
     (set_in("sync", "ignore_addresses", ["192.0.2.1/24"]), "sync.ignore_addresses[0]", "host bits"),
     (set_in("sync", "ignore_protocols", ["bogus"]), "sync.ignore_protocols[0]", "tcp"),
@@ -407,6 +409,7 @@ def node_configs(draw):
     sync = SyncConfig(
         enabled=draw(st.booleans()), port=draw(st.integers(1, 65535)),
         mode=draw(st.sampled_from(["kernel", "cache"])),
+        hold_timeout=draw(st.integers(0, 2**31 - 1)),
         peer_public_key=draw(st.sampled_from(["", "Y9r:ltFM>m7f@Vk)#xjvO7mWZYu9Xp-8-w/@{[Oy"])),
         replicated_paths=tuple(draw(st.lists(st.sampled_from(["/etc/nftables.conf", "/etc/hasync/r/*"]), unique=True))),
         reload_hooks=draw(st.dictionaries(st.sampled_from(["/etc/a", "/etc/b*"]), TEXT, max_size=2)),

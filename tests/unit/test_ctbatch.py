@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from statesync import ctbatch
 from statesync import ctbuild as cb
-from statesync.ctconst import IPS_ASSURED, IPS_CONFIRMED, IPS_EXPECTED, IPS_SEEN_REPLY
+from statesync.ctconst import CTA_TIMEOUT, IPS_ASSURED, IPS_CONFIRMED, IPS_EXPECTED, IPS_SEEN_REPLY
+from statesync.ctcreate import prepare
 from statesync.ctnetlink import CtSocket, FramedApply, synthetic_entries
 from tests.unit.test_ctmsg import entries as any_entries
 
@@ -68,9 +69,9 @@ def ct():
         yield sock
 
 
-def compare(ct, entries, likely_new):
-    framed = ct.frame_apply(entries, likely_new)
-    reference = FramedApply([], framed.seq0, entries, [], [], likely_new)
+def compare(ct, entries, likely_new, hold=0):
+    framed = ct.frame_apply(entries, likely_new, hold)
+    reference = FramedApply([], framed.seq0, entries, [], [], likely_new, hold=hold)
     ct._frame_one_by_one(list(range(len(entries))), framed.seq0, reference)
     reference.index, reference.has_other = ctbatch.concat(reference.index, int), ctbatch.concat(reference.has_other, bool)
     got, want = requests(framed), requests(reference)
@@ -82,10 +83,36 @@ def compare(ct, entries, likely_new):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(entries=st.lists(nat_entries() | any_entries(), min_size=1, max_size=40), likely_new=st.booleans())
-def test_matrix_and_prepare_give_the_same_requests(monkeypatch_min_group, entries, likely_new, ct):
+@given(entries=st.lists(nat_entries() | any_entries(), min_size=1, max_size=40), likely_new=st.booleans(),
+       hold=st.sampled_from([0, 1, 600, 432000, 2**32 - 1]))
+def test_matrix_and_prepare_give_the_same_requests(monkeypatch_min_group, entries, likely_new, hold, ct):
     encoded = [cb.encode_entry(orig, reply, **kw) for orig, reply, kw in entries]
-    compare(ct, encoded, likely_new)
+    compare(ct, encoded, likely_new, hold)
+
+
+def top_level(body: bytes) -> dict[int, list[tuple[int, bytes]]]:
+    """{attribute type: [(offset, value bytes)]} of a request body's top-level attributes."""
+    out: dict[int, list] = {}
+    off = 0
+    while off + 4 <= len(body):
+        alen, atype = struct.unpack_from("=HH", body, off)
+        out.setdefault(atype & 0x7FFF, []).append((off, body[off + 4:off + alen]))
+        off += (alen + 3) & ~3
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(entry=nat_entries(), hold=st.integers(1, 2**32 - 1))
+def test_a_hold_raises_the_timeout_and_nothing_else(entry, hold):
+    orig, reply, kw = entry
+    _, attrs = cb.encode_entry(orig, reply, **kw)
+    for plain, held in zip(prepare(attrs), prepare(attrs, hold)):
+        if plain is None:
+            assert held is None
+            continue
+        (at, value), = top_level(plain)[CTA_TIMEOUT]
+        assert struct.unpack(">I", top_level(held)[CTA_TIMEOUT][0][1])[0] == max(kw["timeout"], hold)
+        assert held[:at + 4] == plain[:at + 4] and held[at + 8:] == plain[at + 8:]
 
 
 @pytest.fixture
@@ -96,8 +123,10 @@ def monkeypatch_min_group(monkeypatch):
 def test_a_burst_goes_through_the_matrix(ct):
     burst = [tuple(e) for e in synthetic_entries(500)]
     framed = compare(ct, burst, True)
+    compare(ct, burst, True, hold=432000)
     lay = ctbatch.learn(burst[0][1])
     assert lay is not None, "the kernel's TCP+SNAT layout must take the fast path"
+    assert lay.timeout >= 0, "the matrix must know where the timeout is, to hold it"
     out = ctbatch.frame_group(burst[0][0], [a for _, a in burst], 1, True)
     assert not len(out.rest) and len(out.order) == 500 and out.has_other.all()
     assert framed.count == 500
