@@ -280,9 +280,12 @@ class Channel:
         may have died without a word (a crash sends no FIN): our HELLO_OK would go down it
         and be lost until TCP or ZMTP notice, seconds later. libzmq handles the old session's
         end before the new handshake (one I/O thread), so the events come in that order."""
-        self.counters.reconnects += 1
-        self.tx.disconnect(self._tx_endpoint)
+        try:
+            self.tx.disconnect(self._tx_endpoint)
+        except zmq.ZMQError as exc:  # not connected (any more): connecting is all we need
+            log.debug("disconnect before reconnecting: %s", exc)
         self.tx.connect(self._tx_endpoint)
+        self.counters.reconnects += 1
         self._tx_up = False
         self._hello_ok = False
 
