@@ -395,7 +395,8 @@ class Receiver:
 
     ack_every: int = 8  # stream frames between ACKs (KEEPALIVE and RESYNC_END always ACK)
     nack_retry: float = 0.25  # seconds before the same NACK is sent again
-    resync_retry: float = 1.0  # seconds between RESYNC_REQs while unsynced
+    resync_retry: float = 1.0  # seconds before a RESYNC_REQ is repeated while unsynced...
+    resync_retry_max: float = 16.0  # ...doubling up to this: an answer may be on its way
     counters: ReceiverCounters = field(default_factory=ReceiverCounters)
     expected: int | None = None  # next stream seq to apply; None until a RESYNC_BEGIN
     in_resync: int | None = None  # id of the resync being received
@@ -408,6 +409,7 @@ class Receiver:
     _unacked: int = 0
     _nacked: tuple[int, float] | None = None
     _resync_asked: float = float("-inf")
+    _retry_after: float = 0.0  # current wait before repeating a RESYNC_REQ (0: resync_retry)
 
     def reset(self) -> None:
         self.expected = None
@@ -417,6 +419,7 @@ class Receiver:
         self._unacked = 0
         self._nacked = None
         self._resync_asked = float("-inf")
+        self._retry_after = 0.0
 
     @property
     def synced(self) -> bool:
@@ -510,6 +513,7 @@ class Receiver:
 
     def _on_resync_begin(self, seq: int, resync_id: int) -> list:
         self.counters.resyncs += 1
+        self._retry_after = 0.0
         self.expected = seq + 1
         self.in_resync = resync_id
         self._keep = set()
@@ -567,6 +571,12 @@ class Receiver:
         return SendAck(self.expected - 1)
 
     def _maybe_ask_resync(self, now: float) -> list:
-        if now - self._resync_asked < self.resync_retry:
-            return []
+        """Repeat the request (it may have met a peer that was not Master yet), backing off:
+        each repeat makes the Master start its snapshot over, and over a slow or lossy link
+        the snapshot asked for last time may still be on its way."""
+        if self._resync_asked != float("-inf"):  # a repeat
+            wait = self._retry_after or self.resync_retry
+            if now - self._resync_asked < wait:
+                return []
+            self._retry_after = min(wait * 2, self.resync_retry_max)
         return self.ask_resync(now)

@@ -158,6 +158,19 @@ def test_receiver_drops_stream_until_resync_and_asks_for_one():
     assert r.on_bytes(wire.encode(wire.data_frame(6, [(1, V4, b"k", b"a")])), 10.1) == []  # rate limited
 
 
+def test_repeated_resync_requests_back_off_until_a_resync_begins():
+    """Each repeat restarts the Master's snapshot: over a slow link the one asked for may be
+    on its way, so the repeats come 1, 2, 4 ... 16 s apart, and from 1 s again once one began."""
+    r = Receiver()
+    keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 3))
+    asked = [t / 10 for t in range(0, 600) if r.on_bytes(keepalive, t / 10) == [RequestResync()]]
+    assert asked == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 47.0], asked
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 4, 1)), 60.0)
+    r.reset()  # a new session: unsynced again, and the first repeat is 1 s away again
+    assert r.on_bytes(keepalive, 61.0) == [RequestResync()]
+    assert r.on_bytes(keepalive, 61.5) == [] and r.on_bytes(keepalive, 62.0) == [RequestResync()]
+
+
 def test_receiver_full_resync_purges_what_the_snapshot_lacks():
     r = Receiver()
     acts = []
