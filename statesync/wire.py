@@ -244,7 +244,7 @@ def decode(buf: bytes) -> Frame:
             max_array_len=MAX_RECORDS,
             max_map_len=64,
             max_bin_len=MAX_ATTRS_BYTES,
-            max_str_len=MAX_TEXT,
+            max_str_len=MAX_TEXT * 4,  # bytes: MAX_TEXT characters of UTF-8 (checked as chars below)
             max_ext_len=0,
         )
     except WireError:

@@ -87,7 +87,8 @@ def pack(*fields):
         (pack(1, wire.DATA, 0, 1, [[1, 2, b"k"]]), "record"),
         (pack(1, wire.DATA, 0, 1, [[1, 2, b"k", b"x" * (wire.MAX_ATTRS_BYTES + 1)]]), "undecodable"),
         (pack(1, wire.HELLO, 0, 0, ["1", "fw1", "master"]), "4 fields"),
-        (pack(1, wire.HELLO, 0, 0, ["1", "x" * 300, "master", "b"]), "undecodable"),
+        (pack(1, wire.HELLO, 0, 0, ["1", "x" * 300, "master", "b"]), "hostname: text of at most 255"),
+        (pack(1, wire.HELLO, 0, 0, ["1", "x" * (4 * wire.MAX_TEXT + 1), "master", "b"]), "undecodable"),
         (pack(1, wire.KEEPALIVE, 0, 0, 1), "nil"),
         (pack(1, wire.ACK, 0, 0, 1) + b"\x00", "undecodable"),
         (b"\xc1", "undecodable"),
@@ -147,3 +148,10 @@ def test_the_column_checks_accept_exactly_what_the_record_walk_accepts(records):
         assert fast == verdict(wire._check_records)
     finally:
         wire._records_fine = original
+
+
+def test_a_hello_of_full_length_multibyte_text_round_trips():
+    """MAX_TEXT counts characters; UTF-8 takes up to 4 bytes each (found by test_round_trip)."""
+    text = "İ" * (wire.MAX_TEXT - 1) + "\U0001F600"
+    frame = Frame(wire.HELLO, 0, wire.Hello(text, text, text, text))
+    assert wire.decode(wire.encode(frame)) == frame
