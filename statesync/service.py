@@ -61,10 +61,6 @@ CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
 SWITCH_INTERVAL_S = 0.0005
-# a RESYNC_REQ this recent when we become Master is served at once: in a switchover or at
-# start the peer asks as it turns Backup, often a moment before we turn Master (older ones
-# are not: a dump stalls a CPU, and a takeover is no time for one nobody waits for)
-EARLY_REQUEST_S = 1.0
 
 
 class KernelWriter:
@@ -170,7 +166,6 @@ class SyncService:
         self.overruns = 0
         self.errors: Counter = Counter()  # errno name / reason -> count
         self.frames_ignored_role = 0
-        self._resync_asked_early = float("-inf")  # when a RESYNC_REQ came while we were Backup
         self.dumps = 0  # conntrack table dumps done (each stalls a CPU: see the module doc)
         self.last_resync: dict[str, Any] | None = None
         self._resync_started: float | None = None
@@ -209,9 +204,6 @@ class SyncService:
             self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
             self.receiver.reset()
             self._unsynced_since = None
-            if self.channel.connected and now - self._resync_asked_early < EARLY_REQUEST_S:
-                self._start_resync(now, "the peer asked just before we were Master")
-            self._resync_asked_early = float("-inf")
         else:
             was_master = self.role == "master"
             self._stop_master()
@@ -221,7 +213,6 @@ class SyncService:
                 self.receiver.reseat_next_resync()
             self.receiver.reset()
             self._unsynced_since = now
-            self._resync_asked_early = float("-inf")
             if self.channel.connected:
                 self._send_actions(self.receiver.ask_resync(now))
         self.role = role
@@ -382,8 +373,6 @@ class SyncService:
             elif ftype in (wire.ACK, wire.NACK, wire.RESYNC_REQ):
                 if self.sender is None:
                     self.frames_ignored_role += 1
-                    if ftype == wire.RESYNC_REQ:  # the peer took us for Master before our role came
-                        self._resync_asked_early = now
                 elif ftype == wire.ACK:
                     self.sender.on_ack(frame.payload, now)
                 elif ftype == wire.NACK:
