@@ -401,7 +401,8 @@ def groups(draw):
                  garp_count=draw(st.integers(0, 100)), garp_interval_ms=draw(st.integers(0, 10_000)))
 
 
-TEXT = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20)
+# not whitespace alone: the loader refuses blank commands, and U+0085 / U+00A0 are whitespace
+TEXT = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20).filter(str.strip)
 
 
 @st.composite
