@@ -513,8 +513,9 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
             raise ConfigError(f"{t.field('ignore_addresses')}[{i}]", f"'{text}' is not a CIDR network: {exc}") from None
     t.done()
     return SyncConfig(enabled=enabled, port=port, curve_secret_key_file=secret_file,
-                      peer_public_key=peer_key, mode=mode, hold_timeout=hold_timeout, replicated_paths=replicated,
-                      reload_hooks=hooks, ignore_protocols=protocols, ignore_addresses=tuple(networks))
+                      peer_public_key=peer_key, mode=mode, hold_timeout=hold_timeout,
+                      replicated_paths=replicated, reload_hooks=hooks, ignore_protocols=protocols,
+                      ignore_addresses=tuple(networks))
 
 
 def _parse_web(t: _Table, base_dir: Path) -> WebConfig:

@@ -69,7 +69,7 @@ def prepare(attrs: bytes, hold: int = 0) -> tuple[bytes, bytes | None]:
 
     update_body is None when create_body serves for both (plain entry: send it
     with NLM_F_CREATE and no NLM_F_EXCL). `hold`: CTA_TIMEOUT is raised to at least
-    this many seconds (the Backup holds its copies: see statesync.service, HOLD).
+    this many seconds (the Backup holds its copies: config sync.hold_timeout).
     """
     plan = _PLANS.get(len(attrs))
     if plan is None or plan.read_headers(attrs) != plan.headers:
@@ -79,8 +79,9 @@ def prepare(attrs: bytes, hold: int = 0) -> tuple[bytes, bytes | None]:
     if plan.protoinfo is not None:
         for i in plan.protoinfo:
             common[i] = _tcp_flags_masked(common[i])
-    if hold and plan.timeout is not None and BE32.unpack_from(attrs, plan.timeout)[0] < hold:
-        common[plan.timeout_piece] = _TIMEOUT_HDR + BE32.pack(hold)
+    held = plan.timeout_piece
+    if hold and held is not None and BE32.unpack_from(attrs, plan.common[held].start + 4)[0] < hold:
+        common[held] = _TIMEOUT_HDR + BE32.pack(hold)
     orig = attrs[plan.orig]
     reply = attrs[plan.reply]
     status = None if plan.status is None else BE32.unpack_from(attrs, plan.status)[0] | IPS_CONFIRMED
@@ -113,11 +114,11 @@ def prepare(attrs: bytes, hold: int = 0) -> tuple[bytes, bytes | None]:
 
 class _Plan:
     __slots__ = ("headers", "read_headers", "common", "protoinfo", "orig", "reply", "status", "master",
-                 "timeout", "timeout_piece")
+                 "timeout_piece")
 
     def __init__(self, offsets: list[int], headers: tuple[bytes, ...], common: list[slice],
                  protoinfo: tuple[int, ...] | None, orig: slice, reply: slice, status: int | None,
-                 master: slice | None, timeout: int | None = None, timeout_piece: int = -1):
+                 master: slice | None, timeout_piece: int | None = None):
         fmt, pos = ["="], 0
         for off in offsets:
             fmt.append(f"{off - pos}x4s")
@@ -127,7 +128,7 @@ class _Plan:
         self.common = common
         self.protoinfo = protoinfo
         self.orig, self.reply, self.status, self.master = orig, reply, status, master
-        self.timeout, self.timeout_piece = timeout, timeout_piece  # CTA_TIMEOUT's value; its index in common
+        self.timeout_piece = timeout_piece  # index of CTA_TIMEOUT in common, None without one
 
 
 _PLANS: dict[int, _Plan] = {}  # by attribute bytes length; a clash just relearns
@@ -142,8 +143,7 @@ def _learn(attrs: bytes) -> _Plan:
     offsets: list[int] = []
     common: list[slice] = []
     protoinfo: list[int] = []
-    orig = reply = master = status = timeout = None
-    timeout_piece = -1
+    orig = reply = master = status = timeout_piece = None
     while off + 4 <= end:
         alen, atype = unpack(attrs, off)
         if alen < 4 or off + alen > end:
@@ -153,7 +153,7 @@ def _learn(attrs: bytes) -> _Plan:
         t = atype & NLA_TYPE_MASK
         here = slice(off, nxt)
         if t == CTA_TIMEOUT and alen == 8:
-            timeout, timeout_piece = off + 4, len(common)
+            timeout_piece = len(common)
             common.append(here)
         elif t == CTA_TUPLE_ORIG:
             orig = here
@@ -173,7 +173,7 @@ def _learn(attrs: bytes) -> _Plan:
     if orig is None or reply is None:
         raise MalformedMessage("entry without both tuples")
     plan = _Plan(offsets, tuple(attrs[o:o + 4] for o in offsets), common, tuple(protoinfo) or None,
-                 orig, reply, status, master, timeout, timeout_piece)
+                 orig, reply, status, master, timeout_piece)
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[end] = plan
