@@ -114,6 +114,7 @@ class Sender:
         self._snapshot_count = 0
         self._touched: set[bytes] = set()  # keys staged live since the resync began
         self._control: list[bytes] = []  # RESYNC_BEGIN/END waiting for window room
+        self._begin_seq: int | None = None  # seq the last snapshot's RESYNC_BEGIN went out with
 
     # ---- input
 
@@ -164,8 +165,11 @@ class Sender:
         if first > self.seq:
             return  # everything already acknowledged: a stale NACK
         if first not in self.window:
-            self.resync_needed = True
-            return
+            oldest = next(iter(self.window), None)
+            if oldest is None or first > oldest:
+                self.resync_needed = True
+                return
+            first = oldest  # what lies below was superseded by the snapshot the window starts with
         if self._resend_from_sent == first and now - self._last_progress < self.resend_timeout:
             return  # the same NACK again before our resend could arrive
         self._resend_from_sent = first
@@ -211,6 +215,23 @@ class Sender:
         if not self.window:
             return 0.0
         return now - next(iter(self.window.values()))[1]
+
+    def on_resync_request(self, now: float) -> bool:
+        """The peer asks for a snapshot: True if a new one must be read (call start_resync).
+
+        While the last snapshot's RESYNC_BEGIN is unacknowledged the request is a repeat from
+        a peer that missed it: that snapshot is sent again from its RESYNC_BEGIN (go-back-N)
+        instead of started over, so a repeat over a lossy link costs no new dump."""
+        if self._control and self._control[0].type == RESYNC_BEGIN:
+            return False  # not even sent yet: it waits for window room
+        begin = self._begin_seq
+        if begin is None or begin not in self.window:
+            return True
+        self._resend = [buf for seq, (buf, _) in self.window.items() if seq >= begin]
+        self.counters.frames_resent += len(self._resend)
+        self._resend_from_sent = begin
+        self._last_progress = now
+        return False
 
     @property
     def idle(self) -> bool:
@@ -264,6 +285,8 @@ class Sender:
         self.seq += 1
         buf = wire.encode(Frame(frame.type, self.seq, frame.payload, frame.flags))
         self.window[self.seq] = (buf, now)
+        if frame.type == RESYNC_BEGIN:
+            self._begin_seq = self.seq
         self._window_used += len(buf)
         if len(self.window) == 1:
             self._last_progress = now  # the retransmit clock starts with the oldest unacked frame
@@ -396,7 +419,7 @@ class Receiver:
     ack_every: int = 8  # stream frames between ACKs (KEEPALIVE and RESYNC_END always ACK)
     nack_retry: float = 0.25  # seconds before the same NACK is sent again
     resync_retry: float = 1.0  # seconds before a RESYNC_REQ is repeated while unsynced...
-    resync_retry_max: float = 16.0  # ...doubling up to this: an answer may be on its way
+    resync_retry_max: float = 4.0  # ...doubling up to this: an answer may be on its way
     counters: ReceiverCounters = field(default_factory=ReceiverCounters)
     expected: int | None = None  # next stream seq to apply; None until a RESYNC_BEGIN
     in_resync: int | None = None  # id of the resync being received
@@ -463,6 +486,8 @@ class Receiver:
             return self._on_resync_begin(seq, frame.payload)
         if expected is None:
             self.counters.unsynced_dropped += 1
+            if ftype == RESYNC_END or (ftype == DATA and frame.flags & FLAG_SNAPSHOT):
+                return self._ask_for_lost_begin(now)
             return self._maybe_ask_resync(now)
         if seq < expected:
             self.counters.replayed += 1
@@ -570,10 +595,18 @@ class Receiver:
         self.counters.acks_sent += 1
         return SendAck(self.expected - 1)
 
+    def _ask_for_lost_begin(self, now: float) -> list:
+        """A snapshot is flowing and we missed its RESYNC_BEGIN: ask again as soon as a NACK
+        would (the Master sends that snapshot again from its start, Sender.on_resync_request)."""
+        if now - self._resync_asked < self.nack_retry:
+            return []
+        return self.ask_resync(now)
+
     def _maybe_ask_resync(self, now: float) -> list:
-        """Repeat the request (it may have met a peer that was not Master yet), backing off:
-        each repeat makes the Master start its snapshot over, and over a slow or lossy link
-        the snapshot asked for last time may still be on its way."""
+        """Repeat the request (it may have met a peer that was not Master yet, or been lost),
+        backing off: over a slow link the snapshot asked for last time may still be on its
+        way, and a repeat makes the Master send it again from its start (or read a new one
+        once the last one's RESYNC_BEGIN was acknowledged: Sender.on_resync_request)."""
         if self._resync_asked != float("-inf"):  # a repeat
             wait = self._retry_after or self.resync_retry
             if now - self._resync_asked < wait:

@@ -108,6 +108,33 @@ def test_nack_the_window_cannot_serve_starts_resync():
     assert s.resync_needed
 
 
+def test_a_repeated_resync_request_resends_the_snapshot_instead_of_reading_a_new_one():
+    s = Sender(destroy_kind=EV_DESTROY, max_batch_bytes=40)
+    assert s.on_resync_request(0.0)  # nothing sent yet: read a snapshot
+    s.start_resync([(V4, bytes([i]), b"snap") for i in range(4)])
+    assert not s.on_resync_request(0.0)  # RESYNC_BEGIN not even sent: it is on its way
+    first = decoded(s.next_frames(0.1))
+    assert first[0].type == wire.RESYNC_BEGIN and first[-1].type == wire.RESYNC_END
+    # the peer missed RESYNC_BEGIN and asks again: the same frames, no new dump
+    assert not s.on_resync_request(0.5)
+    again = decoded(s.next_frames(0.5))
+    assert again == first and s.counters.resyncs == 1
+    s.on_ack(first[0].seq, 0.6)  # RESYNC_BEGIN arrived: a request now means a peer that reset
+    assert s.on_resync_request(0.7)
+
+
+def test_a_nack_from_below_a_snapshot_resends_from_its_begin():
+    s = Sender(destroy_kind=EV_DESTROY)
+    for i in range(3):
+        s.on_events([new(bytes([i]))])
+        s.next_frames(float(i))
+    s.start_resync([(V4, b"k", b"snap")])  # frames 1-3 unacked, dropped: the snapshot holds them
+    sent = decoded(s.next_frames(3.0))
+    s.on_nack(1, 3, 3.5)
+    assert not s.resync_needed
+    assert decoded(s.next_frames(3.5)) == sent and sent[0].type == wire.RESYNC_BEGIN
+
+
 def test_keepalive_when_idle_and_when_waiting_for_ack():
     s = Sender(destroy_kind=EV_DESTROY, keepalive_interval=1.0, resend_timeout=0.2)
     assert decoded(s.next_frames(0.0)) == [wire.Frame(wire.KEEPALIVE, 0)]
@@ -159,12 +186,13 @@ def test_receiver_drops_stream_until_resync_and_asks_for_one():
 
 
 def test_repeated_resync_requests_back_off_until_a_resync_begins():
-    """Each repeat restarts the Master's snapshot: over a slow link the one asked for may be
-    on its way, so the repeats come 1, 2, 4 ... 16 s apart, and from 1 s again once one began."""
+    """Each repeat makes the Master send its snapshot again: over a slow link the one asked for
+    may be on its way, so the repeats come 1, 2, 4, 4 ... s apart, and from 1 s again once one began."""
     r = Receiver()
     keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 3))
     asked = [t / 10 for t in range(0, 600) if r.on_bytes(keepalive, t / 10) == [RequestResync()]]
-    assert asked == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 47.0], asked
+    assert asked == [0.0, 1.0, 3.0, 7.0, 11.0, 15.0, 19.0, 23.0, 27.0, 31.0, 35.0, 39.0, 43.0, 47.0, 51.0,
+                     55.0, 59.0], asked
     r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 4, 1)), 60.0)
     r.reset()  # a new session: unsynced again, and the first repeat is 1 s away again
     assert r.on_bytes(keepalive, 61.0) == [RequestResync()]
@@ -333,10 +361,12 @@ class Pair:
                 self.sender.on_ack(frame.payload, self.now)
             elif frame.type == wire.NACK:
                 self.sender.on_nack(*frame.payload, self.now)
-            elif frame.type == wire.RESYNC_REQ:
+            elif frame.type == wire.RESYNC_REQ and self.sender.on_resync_request(self.now):
                 self.sender.start_resync(self.snapshot())
 
-    def settle(self, max_ticks=400):
+    def settle(self, max_ticks=1500):
+        # 150 s: at 30 % loss each way the settle time has a long tail (20k seeded runs:
+        # median 2.6 s, p99.9 33 s, max 72 s), and this claims convergence, not speed
         for _ in range(max_ticks):
             self.tick(perfect=True)
             if self.sender.idle and self.receiver.synced and not self.ab.queue and not self.ba.queue:
@@ -368,7 +398,7 @@ def test_lossy_link_converges(changes, seed, loss, dup, reorder, stale, forced_r
             pair.sender.start_resync(pair.snapshot())
         if i % 3 == 0:
             pair.tick()
-    assert pair.settle(), "did not settle on a clean link"
+    assert pair.settle(), "did not settle once the link stopped reordering"
     assert pair.backup == pair.master | Pair.LOCAL
     assert pair.receiver.held == set(pair.master)
 
