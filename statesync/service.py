@@ -377,7 +377,7 @@ class SyncService:
                     self.sender.on_ack(frame.payload, now)
                 elif ftype == wire.NACK:
                     self.sender.on_nack(*frame.payload, now)
-                else:
+                elif self.sender.on_resync_request(now):
                     self._start_resync(now, "the peer asked")
             elif self.role == "backup":
                 actions.extend(self.receiver.on_frame(frame, now))
