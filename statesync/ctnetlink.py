@@ -440,6 +440,22 @@ class CtSocket:
 
         return self.send_batched(messages())
 
+    def set_timeouts(self, items: Iterable[tuple[bytes, int]]) -> ApplyResult:
+        """Update each (key, seconds) entry's timeout: an update request (no NLM_F_CREATE)
+        of the key and CTA_TIMEOUT alone. ENOENT counts entries gone meanwhile."""
+        hdr = NFGEN_HDR.pack
+        items = items if isinstance(items, list) else list(items)
+        seq0 = self._next_seq(len(items) + 1)
+
+        def messages():
+            seq = seq0
+            for key, seconds in items:
+                body = key + ctmsg.NLA_HDR.pack(8, ctmsg.CTA_TIMEOUT) + ctmsg.BE32.pack(seconds)
+                yield hdr(NFGEN_HDR_LEN + len(body), CT_NEW, NLM_F_REQUEST, seq, 0, _family_of_key(key), 0, 0) + body
+                seq = (seq + 1) & 0xFFFFFFFF
+
+        return self.send_batched(messages())
+
     def reseat(self, tcp_keys: list[bytes], framed: "FramedApply") -> ApplyResult:
         """Delete the entries of `tcp_keys`, then send `framed` (which re-creates them).
 

@@ -48,7 +48,7 @@ from hasync import config as cfgmod
 
 from hasync.control import ControlServer
 
-from . import control, keys, memory, protocol, wire
+from . import control, holdrelease, keys, memory, protocol, wire
 from .channel import Channel
 from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
@@ -61,6 +61,7 @@ CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
 SWITCH_INTERVAL_S = 0.0005
+RELEASE_AFTER_S = 2.0  # a new Master releases its holds this long after the takeover (holdrelease)
 
 
 class KernelWriter:
@@ -167,6 +168,8 @@ class SyncService:
         self.errors: Counter = Counter()  # errno name / reason -> count
         self.frames_ignored_role = 0
         self.dumps = 0  # conntrack table dumps done (each stalls a CPU: see the module doc)
+        self.holds_released = 0  # held entries given their kernel timeout back (holdrelease)
+        self._release_at: float | None = None  # when a new Master releases its holds
         self.last_resync: dict[str, Any] | None = None
         self._resync_started: float | None = None
         self._snap_base = 0
@@ -204,9 +207,13 @@ class SyncService:
             self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
             self.receiver.reset()
             self._unsynced_since = None
+            if self.mode == "kernel" and self.cfg.sync.hold_timeout:
+                # not at the takeover itself: the dump stalls a CPU (the first snapshot may do it)
+                self._release_at = now + RELEASE_AFTER_S
         else:
             was_master = self.role == "master"
             self._stop_master()
+            self._release_at = None
             if was_master and self.mode == "kernel":
                 # our sequence windows are stale from now on: the next resync re-creates
                 # our TCP entries instead of updating them (see CtSocket.reseat)
@@ -275,6 +282,7 @@ class SyncService:
             "frames_ignored_role": self.frames_ignored_role,
             "dumps": self.dumps,
             "held": len(self.receiver.held),
+            "holds_released": self.holds_released,
         }
 
     # ---- the loop ----------------------------------------------------------------------
@@ -297,6 +305,10 @@ class SyncService:
             self.channel.send_all(self.sender.next_frames(now, max_frames=MAX_FRAMES_PER_TURN))
             if self.sender.resyncing is False and self._resync_started is not None:
                 self._resync_done(now, self.sender.counters.snapshot_records_sent)
+        if self._release_at is not None and now >= self._release_at:
+            self._release_at = None
+            self.dumps += 1
+            self.writer.submit(self._release_holds_from_dump)
 
     def _wait_ms(self) -> int:
         now = time.monotonic()
@@ -305,7 +317,7 @@ class SyncService:
             if self.sender.has_work:
                 return 0
             deadline = min(deadline, self.sender.get_timer())
-        for timer in (self.channel.next_timer(), self.config.next_timer()):
+        for timer in (self.channel.next_timer(), self.config.next_timer(), self._release_at):
             if timer is not None:
                 deadline = min(deadline, timer)
         if deadline <= now:  # also -inf: a timer that never ran is due
@@ -459,6 +471,21 @@ class SyncService:
             self._count_errors(res, ignore=(2,))  # ENOENT: timed out here meanwhile
         log.info("resync complete: %d entries, %d stale ones purged", kept, len(stale))
 
+    def _release_holds_from_dump(self) -> None:  # in the writer thread
+        ceilings = holdrelease.read_ceilings()
+        accepts = self.filter.accepts
+        changes = (c[1:] for c in self.ct.dump_changes() if accepts(c[2]))
+        released = self._release_holds(holdrelease.releases(changes, ceilings))
+        log.info("takeover: %d held entries given their kernel timeout back", released)
+
+    def _release_holds(self, items: list[tuple[bytes, int]]) -> int:  # in the writer thread
+        if not items:
+            return 0
+        res = self.ct.set_timeouts(items)
+        self.holds_released += res.ok
+        self._count_errors(res, ignore=(2,))  # ENOENT: gone meanwhile
+        return res.ok
+
     def _commit_cache(self) -> int:
         res = self.ct.apply(list(self.cache.values()))
         self._count_errors(res, ignore=())
@@ -480,10 +507,16 @@ class SyncService:
         try:
             select = self.filter.select_changes
             held = self.receiver.held
+            # a takeover's holds are released from the first snapshot's dump, not one more
+            ceilings = holdrelease.read_ceilings() if self._release_at is not None else None
+            self._release_at = None
             for changes in sock.dump_batches():
                 chosen = select(changes)
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)
-                yield [c[1:] for c in chosen]
+                entries = [c[1:] for c in chosen]
+                if ceilings is not None:
+                    self.writer.submit(self._release_holds, holdrelease.releases(entries, ceilings))
+                yield entries
         finally:
             sock.close()
 

@@ -413,3 +413,49 @@ def test_reseat_recreates_tcp_entries_in_place(netns):
             time.sleep(0.01)
         assert seen == [(EV_DESTROY, ctmsg.key_of(tcp)), (EV_NEW, ctmsg.key_of(tcp))]
         assert {e.key for e in s.dump()} == {ctmsg.key_of(tcp), ctmsg.key_of(udp)}
+
+
+def test_held_entries_get_their_kernel_timeouts_back(netns):
+    """A Backup's copies carry the hold; after a takeover holdrelease cuts each to its state's
+    default as this namespace's sysctls say (checked with the conntrack tool), and leaves an
+    ESTABLISHED entry (its default is the hold), a zoned one and an IPv6 one right too."""
+    from statesync import holdrelease
+
+    b = netns.new("b")
+    hold = 432000
+    rows = {
+        "tcp-established": cb.encode_entry(cb.Tuple(6, "198.18.0.1", "198.19.0.1", 1000, 80)),
+        "tcp-time-wait": cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80),
+                                         tcp_state=7),
+        "udp-unreplied": cb.encode_entry(cb.Tuple(17, "198.18.0.3", "198.19.0.1", 1000, 53),
+                                         status=IPS_CONFIRMED, zone=9),
+        "udp-stream": cb.encode_entry(cb.Tuple(17, "2001:db8:18::1", "2001:db8:19::1", 1000, 53)),
+        "icmp": cb.encode_entry(cb.Tuple(1, "198.18.0.4", "198.19.0.1", 7, 8 << 8)),
+    }
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout_stream=77", ns=b)
+    with CtSocket.open_in(b) as s:
+        assert s.send_framed(s.frame_apply(list(rows.values()), hold=hold)).failed == 0
+        assert all(ctmsg.timeout_of(c[3]) > hold - 60 for c in s.dump_changes())
+        with entered_netns(b):
+            ceilings = holdrelease.read_ceilings()
+        assert ceilings[(17, 1)] == 77
+        items = holdrelease.releases([c[1:] for c in s.dump_changes()], ceilings)
+        assert len(items) == 4
+        assert s.set_timeouts(items).ok == 4
+
+    def timeout(*args):  # "udp 17 29 src=...": the third field
+        line = sh("conntrack", "-L", *args, ns=b).stdout.split()
+        return int(line[2]) if line else None
+
+    left = {
+        "tcp-established": timeout("-p", "tcp", "-s", "198.18.0.1"),
+        "tcp-time-wait": timeout("-p", "tcp", "-s", "198.18.0.2"),
+        "udp-unreplied": timeout("-p", "udp", "-s", "198.18.0.3", "-w", "9"),
+        "udp-stream": timeout("-f", "ipv6", "-p", "udp"),
+        "icmp": timeout("-p", "icmp"),
+    }
+    assert left["tcp-established"] > 431000, left
+    assert 100 <= left["tcp-time-wait"] <= 120, left
+    assert 20 <= left["udp-unreplied"] <= 30, left
+    assert 60 <= left["udp-stream"] <= 77, left
+    assert 20 <= left["icmp"] <= 30, left
