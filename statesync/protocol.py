@@ -435,14 +435,17 @@ class Receiver:
     _retry_after: float = 0.0  # current wait before repeating a RESYNC_REQ (0: resync_retry)
 
     def reset(self) -> None:
+        self._forget_position()
+        self._resync_asked = float("-inf")
+        self._retry_after = 0.0
+
+    def _forget_position(self) -> None:
         self.expected = None
         self.in_resync = None
         self._keep = set()
         self._reseating = False
         self._unacked = 0
         self._nacked = None
-        self._resync_asked = float("-inf")
-        self._retry_after = 0.0
 
     @property
     def synced(self) -> bool:
@@ -466,7 +469,11 @@ class Receiver:
         self.reseat_pending = True
 
     def ask_resync(self, now: float) -> list:
-        """An explicit resync request (start, connect, operator)."""
+        """A resync request (start, connect, operator, a snapshot that did not add up). From
+        now on the next RESYNC_BEGIN is taken whatever its seq: the Master may answer by
+        sending its last snapshot again from its start (Sender.on_resync_request), below
+        where this stream had got to."""
+        self._forget_position()
         self._resync_asked = now
         return [RequestResync()]
 
@@ -500,7 +507,13 @@ class Receiver:
         if ftype == DATA:
             actions.append(self._on_data(frame))
         else:  # RESYNC_END
-            actions.extend(self._on_resync_end(frame.payload, now))
+            ended = self._on_resync_end(frame.payload, now)
+            if self.expected is None:
+                # it did not add up and we asked again: acknowledged first, so the Master
+                # reads a new snapshot instead of sending this one again
+                self.counters.acks_sent += 1
+                return [SendAck(seq), *ended]
+            actions.extend(ended)
         self._unacked += 1
         if self._unacked >= self.ack_every or ftype == RESYNC_END:
             actions.append(self._ack())
@@ -557,10 +570,7 @@ class Receiver:
         if count != self._snapshot_seen:
             # a sender bug or a forged stream: do not purge on a partial picture
             self.counters.resync_count_mismatch += 1
-            self.in_resync = None
-            self._keep = set()
-            self._reseating = False  # reseat_pending stays: the next resync re-seats
-            return self.ask_resync(now)
+            return self.ask_resync(now)  # reseat_pending stays: the next resync re-seats
         keep = frozenset(self._keep)
         stale = frozenset(self.held - keep)
         self.held -= stale

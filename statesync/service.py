@@ -239,6 +239,7 @@ class SyncService:
         if self.role == "master":
             self._start_resync(now, "operator request")
             return {"resync": "sending a full snapshot to the peer"}
+        self._unsynced_since = now
         self._send_actions(self.receiver.ask_resync(now))
         return {"resync": "asked the master for a full snapshot"}
 

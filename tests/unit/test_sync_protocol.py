@@ -278,6 +278,8 @@ def test_receiver_counts_garbage_and_refuses_a_wrong_resync_count():
     acts = r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_END, 2, (1, 5))), 0.0)
     assert not any(isinstance(a, Purge) for a in acts)
     assert RequestResync() in acts and r.counters.resync_count_mismatch == 1
+    # acknowledged before asked again: the Master reads a new snapshot, not this one again
+    assert acts.index(SendAck(2)) < acts.index(RequestResync()) and not r.synced
 
 
 # -- Sender + Receiver joined by a bad link ---------------------------------------------------
@@ -424,3 +426,23 @@ def test_max_frames_bounds_one_call_without_losing_anything():
     assert s.oldest_unacked_age(2.0) == 2.0
     s.on_ack(s.seq, 2.0)
     assert s.oldest_unacked_age(2.0) == 0.0 and s.idle
+
+
+def test_a_backup_that_asks_again_takes_the_snapshot_resent_below_its_position():
+    """An operator resync (or a snapshot that did not add up) on a Backup whose stream is at
+    seq n: if the Master had not yet seen RESYNC_BEGIN acknowledged it sends that snapshot
+    again, below n; the Backup must take it, not drop it as replays."""
+    s = Sender(destroy_kind=EV_DESTROY, max_batch_bytes=40)
+    r = Receiver()
+    r.ask_resync(0.0)
+    assert s.on_resync_request(0.0)
+    s.start_resync([(V4, bytes([i]), b"snap") for i in range(3)])
+    frames = s.next_frames(0.1)
+    for buf in frames:
+        r.on_bytes(buf, 0.1)  # all of it arrives; our ACKs are lost
+    assert r.synced
+    assert r.ask_resync(0.2) == [RequestResync()] and not r.synced
+    assert not s.on_resync_request(0.2)  # RESYNC_BEGIN unacknowledged: the same frames again
+    acts = [a for buf in s.next_frames(0.2) for a in r.on_bytes(buf, 0.2)]
+    assert r.synced and r.counters.replayed == 0
+    assert sorted(k for a in acts if isinstance(a, Apply) for _, _, k, _ in a.records) == [b"\x00", b"\x01", b"\x02"]
