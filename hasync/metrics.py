@@ -220,6 +220,9 @@ def _sync(sync: Mapping[str, Any] | None) -> Iterator[Metric]:
         ("hasync_sync_gaps", "Sequence gaps seen by the receiving side", receiver.get("gaps")),
         ("hasync_sync_event_overruns", "Conntrack event overruns (ENOBUFS), each healed by a resync",
          sync.get("overruns")),
+        ("hasync_sync_table_dumps", "Conntrack table dumps (each stalls a CPU for a moment)", sync.get("dumps")),
+        ("hasync_sync_holds_released", "Held entries given their kernel timeout back after a takeover",
+         sync.get("holds_released")),
     )
     for name, doc, value in counters:
         metric = _counter(name, doc, value)

@@ -25,7 +25,7 @@ def status(**overrides) -> dict:
         "hooks": {"runs": 4, "failures": 1, "timeouts": 0},
         "last_transition": {"old": "BACKUP", "new": "MASTER", "cause": "peer fw2 is FAULT", "time": 1.0},
         "sync": {"running": True, "restarts": 1, "connected": True, "entries_sent": 200000,
-                 "entries_applied": 0, "entries_lost": 0, "lag_ms": 12.5, "overruns": 2,
+                 "entries_applied": 0, "entries_lost": 0, "lag_ms": 12.5, "overruns": 2, "dumps": 6, "holds_released": 41,
                  "errors": {"apply": 5}, "sender": {"snapshot_records_sent": 150000, "resyncs": 3},
                  "receiver": {"resyncs": 1, "gaps": 4}, "config": {"generation": 17, "conflicts": 2}},
     }
@@ -105,6 +105,8 @@ def test_scrape_over_http_renders_the_published_snapshot(server):
     assert value(got, "hasync_sync_gaps_total") == 4
     assert value(got, "hasync_sync_lag_seconds") == pytest.approx(0.0125)
     assert value(got, "hasync_sync_event_overruns_total") == 2
+    assert value(got, "hasync_sync_table_dumps_total") == 6
+    assert value(got, "hasync_sync_holds_released_total") == 41
     assert value(got, "hasync_sync_errors_total", kind="apply") == 5
     assert value(got, "hasync_config_generation") == 17
     assert value(got, "hasync_config_sync_conflicts_total") == 2
