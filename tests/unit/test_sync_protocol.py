@@ -391,13 +391,18 @@ changes = st.lists(
     reorder=st.sampled_from([0.0, 0.2, 0.8]),
     stale=st.dictionaries(key_space, st.just(b"stale"), max_size=6),
     forced_resyncs=st.lists(st.integers(0, 120), max_size=3),
+    backup_asks=st.lists(st.integers(0, 120), max_size=3),
 )
-def test_lossy_link_converges(changes, seed, loss, dup, reorder, stale, forced_resyncs):
+def test_lossy_link_converges(changes, seed, loss, dup, reorder, stale, forced_resyncs, backup_asks):
     pair = Pair(random.Random(seed), loss, dup, reorder, backup_stale=stale)
     for i, (key, attrs) in enumerate(changes):
         pair.change(key, attrs)
         if i in forced_resyncs:  # an operator resync or an overrun mid-stream
             pair.sender.start_resync(pair.snapshot())
+        if i in backup_asks:  # `conntrack -F` then `hasync resync` on the Backup, mid-stream
+            pair.backup = dict(Pair.LOCAL)
+            for act in pair.receiver.ask_resync(pair.now):
+                pair.ba.send(act.to_bytes())
         if i % 3 == 0:
             pair.tick()
     assert pair.settle(), "did not settle once the link stopped reordering"
