@@ -48,7 +48,7 @@ from hasync import config as cfgmod
 
 from hasync.control import ControlServer
 
-from . import control, holdrelease, keys, memory, protocol, wire
+from . import control, ctsysctl, holdrelease, keys, memory, protocol, wire
 from .channel import Channel
 from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
@@ -177,6 +177,9 @@ class SyncService:
         self._sent_before = 0  # records counted from Senders of earlier master terms
         self._applied_ok = 0
         self.running = True
+        self.events_problem = ctsysctl.ensure_events()  # before we write or read any entry
+        if self.events_problem:
+            log.warning("%s", self.events_problem)
         if self.mode == "kernel":
             self._seed_held()
         self.set_role(role)
@@ -256,6 +259,8 @@ class SyncService:
             problems.append("resync in progress")
         if self.overruns:
             problems.append(f"{self.overruns} event overruns (healed by resync)")
+        if self.events_problem:
+            problems.append(self.events_problem)
         problems.extend(self.config.problems())
         return {
             "pid": os.getpid(),

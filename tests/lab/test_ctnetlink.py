@@ -459,3 +459,25 @@ def test_held_entries_get_their_kernel_timeouts_back(netns):
     assert 20 <= left["udp-unreplied"] <= 30, left
     assert 60 <= left["udp-stream"] <= 77, left
     assert 20 <= left["icmp"] <= 30, left
+
+
+def test_an_entry_made_without_the_event_extension_never_reports_its_destroy(netns):
+    """Why statesync.ctsysctl sets nf_conntrack_events=1: an entry written while the setting
+    leaves out the event extension (0 here; 2 with no listener on the machine, as on a Backup
+    box) stays mute to a listener opened later (the new Master's); with 1 it reports."""
+    from statesync import ctsysctl
+
+    b = netns.new("b")
+    mute = cb.encode_entry(cb.Tuple(17, "198.18.0.1", "198.19.0.1", 1000, 53))
+    heard = cb.encode_entry(cb.Tuple(17, "198.18.0.2", "198.19.0.1", 1000, 53))
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_events=0", ns=b)
+    with CtSocket.open_in(b) as s:
+        assert s.apply([mute]).failed == 0
+        with entered_netns(b):
+            assert ctsysctl.ensure_events() is None
+        assert sh("sysctl", "-n", "net.netfilter.nf_conntrack_events", ns=b).stdout.strip() == "1"
+        assert s.apply([heard]).failed == 0
+        with CtSocket.open_in(b, events=True) as ev:  # the listener comes after both writes
+            assert s.delete([ctmsg.key_of(mute[1]), ctmsg.key_of(heard[1])]).failed == 0
+            gone = [e.key for e in read_events(ev) if e.kind == EV_DESTROY]
+    assert gone == [ctmsg.key_of(heard[1])]

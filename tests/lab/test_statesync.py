@@ -197,6 +197,15 @@ def test_udp_flows_and_deletions_replicate(synced):
     assert wait_count(lab, "fw2", 0, "-p", "udp", "--dport", "9") == 0
 
 
+def test_sync_makes_every_entry_report_its_events(synced):
+    """Both nodes' sync services set nf_conntrack_events=1 (statesync.ctsysctl): the Backup's
+    copies must report their updates and destroys once it is Master, listener or not."""
+    for fw in ("fw1", "fw2"):
+        assert run(synced, fw, ["sysctl", "-n", "net.netfilter.nf_conntrack_events"]).stdout.strip() == "1"
+        sync = (nsctl.try_status(synced, fw) or {}).get("sync") or {}
+        assert not any("nf_conntrack_events" in p for p in sync.get("problems", [])), sync.get("problems")
+
+
 def test_the_backup_holds_a_flow_the_master_keeps_alive(synced):
     """A flow's packets restart the Master's timer without an event: the Backup's copy must not
     die by the timeout of the flow's last event (sync.hold_timeout), and goes when the Master's does."""
