@@ -433,11 +433,13 @@ class Receiver:
     _nacked: tuple[int, float] | None = None
     _resync_asked: float = float("-inf")
     _retry_after: float = 0.0  # current wait before repeating a RESYNC_REQ (0: resync_retry)
+    _not_before: float = float("-inf")  # no request before this (ask_resync_later)
 
     def reset(self) -> None:
         self._forget_position()
         self._resync_asked = float("-inf")
         self._retry_after = 0.0
+        self._not_before = float("-inf")
 
     def _forget_position(self) -> None:
         self.expected = None
@@ -605,10 +607,18 @@ class Receiver:
         self.counters.acks_sent += 1
         return SendAck(self.expected - 1)
 
+    def ask_resync_later(self, now: float, delay: float) -> None:
+        """Unsynced from now; the first frame from the Master `delay` s from now or later
+        makes the request (a node that was Master: see the service's RESEAT_GRACE_S)."""
+        self._forget_position()
+        self._resync_asked = float("-inf")  # that request is a first one, not a repeat
+        self._retry_after = 0.0
+        self._not_before = now + delay
+
     def _ask_for_lost_begin(self, now: float) -> list:
         """A snapshot is flowing and we missed its RESYNC_BEGIN: ask again as soon as a NACK
         would (the Master sends that snapshot again from its start, Sender.on_resync_request)."""
-        if now - self._resync_asked < self.nack_retry:
+        if now - self._resync_asked < self.nack_retry or now < self._not_before:
             return []
         return self.ask_resync(now)
 
@@ -617,6 +627,8 @@ class Receiver:
         backing off: over a slow link the snapshot asked for last time may still be on its
         way, and a repeat makes the Master send it again from its start (or read a new one
         once the last one's RESYNC_BEGIN was acknowledged: Sender.on_resync_request)."""
+        if now < self._not_before:
+            return []
         if self._resync_asked != float("-inf"):  # a repeat
             wait = self._retry_after or self.resync_retry
             if now - self._resync_asked < wait:

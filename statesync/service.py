@@ -61,7 +61,9 @@ CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
 SWITCH_INTERVAL_S = 0.0005
-RELEASE_AFTER_S = 2.0  # a new Master releases its holds this long after the takeover (holdrelease)
+RESEAT_GRACE_S = 1.0  # a former Master asks for the resync that re-seats its entries this late
+RELEASE_AFTER_S = 5.0  # a new Master releases its holds this long after the takeover (holdrelease),
+# unless the snapshot a former Master asks for (after RESEAT_GRACE_S) reads the table first
 
 
 class KernelWriter:
@@ -217,13 +219,16 @@ class SyncService:
             was_master = self.role == "master"
             self._stop_master()
             self._release_at = None
-            if was_master and self.mode == "kernel":
-                # our sequence windows are stale from now on: the next resync re-creates
-                # our TCP entries instead of updating them (see CtSocket.reseat)
-                self.receiver.reseat_next_resync()
             self.receiver.reset()
             self._unsynced_since = now
-            if self.channel.connected:
+            if was_master and self.mode == "kernel":
+                # our sequence windows are stale from now on: the next resync re-creates
+                # our TCP entries instead of updating them (see CtSocket.reseat), once
+                # packets in flight at the switchover no longer cross us: a re-seat deletes
+                # an entry for a moment, and a packet meeting that gap is dropped as invalid
+                self.receiver.reseat_next_resync()
+                self.receiver.ask_resync_later(now, RESEAT_GRACE_S)
+            elif self.channel.connected:
                 self._send_actions(self.receiver.ask_resync(now))
         self.role = role
         self.channel.set_role(role)

@@ -147,6 +147,10 @@ def test_sessions_survive_master_crash(synced):
                                     then=lambda lab: released.append(idle_flow_released(lab)))
     # the idle UDP flow is on its kernel timeout again (udp_timeout: 30 s), not held for days
     assert released and released[0] is not None and released[0] <= 30, released
+    deadline = time.monotonic() + 3  # the daemon's copy of its sync status is up to 0.5 s old
+    while (((nsctl.try_status(lab, "fw2") or {}).get("sync") or {}).get("holds_released", 0) < 1
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
     assert ((nsctl.try_status(lab, "fw2") or {}).get("sync") or {}).get("holds_released", 0) >= 1
     run(lab, "fw2", ["conntrack", "-D", *IDLE_UDP], check=False)
     assert report["established"] == SESSIONS

@@ -451,3 +451,20 @@ def test_a_backup_that_asks_again_takes_the_snapshot_resent_below_its_position()
     acts = [a for buf in s.next_frames(0.2) for a in r.on_bytes(buf, 0.2)]
     assert r.synced and r.counters.replayed == 0
     assert sorted(k for a in acts if isinstance(a, Apply) for _, _, k, _ in a.records) == [b"\x00", b"\x01", b"\x02"]
+
+
+def test_a_former_master_asks_for_its_resync_only_after_the_grace():
+    """Its re-seat deletes entries for a moment: the request waits until packets in flight at
+    the switchover no longer cross it, then the first frame from the new Master asks."""
+    r = Receiver()
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
+    r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_END, 2, (1, 0))), 0.0)
+    assert r.synced
+    r.reset()
+    r.reseat_next_resync()
+    r.ask_resync_later(10.0, 1.0)
+    keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 7))
+    snap = wire.encode(wire.data_frame(5, [(1, V4, b"k", b"a")], FLAG_SNAPSHOT))
+    assert r.on_bytes(keepalive, 10.2) == [] and r.on_bytes(snap, 10.9) == []
+    assert r.on_bytes(keepalive, 11.0) == [RequestResync()]
+    assert not r.synced and r.reseat_pending
