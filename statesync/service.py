@@ -192,8 +192,12 @@ class SyncService:
         accepts = self.filter.accepts
         self.dumps += 1
         self.receiver.held.update(c[2] for c in self.ct.dump_changes() if accepts(c[2]))
-        log.info("start: %d entries in the table from before, held until the first resync",
-                 len(self.receiver.held))
+        if self.receiver.held:
+            # they may be from a time this node was Master (a restart of the daemon on the
+            # Master, say): their TCP windows are stale, so the first resync re-seats them
+            self.receiver.reseat_next_resync()
+        log.info("start: %d entries in the table from before, held until the first resync%s",
+                 len(self.receiver.held), " (which re-seats them)" if self.receiver.held else "")
 
     # ---- control commands (statesync.control) -----------------------------------------
 
