@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .ctbuild import IP_CT_TCP_FLAG_BE_LIBERAL
 from .ctconst import (
     CT_NEW, CTA_NAT_DST, CTA_NAT_SRC, CTA_PROTOINFO, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_MASTER, CTA_TUPLE_ORIG,
     CTA_TUPLE_REPLY, IPS_CONFIRMED, IPS_EXPECTED, KEPT_ATTRS, NFGEN_HDR, NFGEN_HDR_LEN, NLA_HDR,
@@ -120,9 +121,10 @@ def _protoinfo_pieces(attrs: bytes, start: int, stop: int, check: list) -> list[
         return None
     check.extend((start + o, h) for o, h in zip((4, 8, 16, 24, 32, 40), headers))
     s = start
-    # flags orig at +36 (mask +37), flags reply at +44 (mask +45)
-    return [("in", s, s + 37), ("in", s + 36, s + 37), ("in", s + 38, s + 45), ("in", s + 44, s + 45),
-            ("in", s + 46, s + 48)]
+    # flags orig at +36 (mask +37), flags reply at +44 (mask +45): each a copy of the flags
+    # with BE_LIBERAL ORed in (ctcreate._tcp_flags_masked says why)
+    return [("in", s, s + 36), ("flags", s + 36), ("flags", s + 36), ("in", s + 38, s + 44),
+            ("flags", s + 44), ("flags", s + 44), ("in", s + 46, s + 48)]
 
 
 # -- the forms, as pieces ---------------------------------------------------------------------
@@ -180,6 +182,7 @@ class Program:
     consts: tuple[tuple[int, bytes], ...]  # (output column, bytes): the same in every row
     status_byte: int  # output column of the status' lowest byte (IPS_CONFIRMED is ORed in)
     timeout_at: int = -1  # output column of CTA_TIMEOUT's value (raised to a hold), -1: none
+    liberal_at: tuple[int, ...] = ()  # output columns of TCP flags and masks: BE_LIBERAL ORed in
 
 
 def compile_form(pieces: list[Piece], lay: Layout, family: int, flags: int) -> Program:
@@ -187,7 +190,11 @@ def compile_form(pieces: list[Piece], lay: Layout, family: int, flags: int) -> P
     consts: list[tuple[int, bytes]] = []
     pos = NFGEN_HDR_LEN
     status_byte = timeout_at = -1
+    liberal_at: list[int] = []
     for piece in pieces:
+        if piece[0] == "flags":
+            liberal_at.append(pos)
+            piece = ("in", piece[1], piece[1] + 1)
         if piece is STATUS:
             consts.append((pos, _STATUS_HDR))
             piece = ("in", lay.status, lay.status + 4)
@@ -206,7 +213,8 @@ def compile_form(pieces: list[Piece], lay: Layout, family: int, flags: int) -> P
             runs.append([pos, a, b - a])
         pos += b - a
     header = NFGEN_HDR.pack(pos, CT_NEW, flags, 0, 0, family, 0, 0)
-    return Program(pos, header, tuple(map(tuple, runs)), tuple(consts), status_byte, timeout_at)
+    return Program(pos, header, tuple(map(tuple, runs)), tuple(consts), status_byte, timeout_at,
+                   tuple(liberal_at))
 
 
 def run_program(prog: Program, rows: np.ndarray, seq0: int, hold: int = 0) -> bytes:
@@ -220,6 +228,8 @@ def run_program(prog: Program, rows: np.ndarray, seq0: int, hold: int = 0) -> by
     for dst, data in prog.consts:
         out[:, dst:dst + len(data)] = np.frombuffer(data, np.uint8)
     out[:, prog.status_byte] |= IPS_CONFIRMED & 0xFF
+    if prog.liberal_at:
+        out[:, list(prog.liberal_at)] |= IP_CT_TCP_FLAG_BE_LIBERAL
     if hold and prog.timeout_at >= 0:
         timeout = out[:, prog.timeout_at:prog.timeout_at + 4].view(">u4")
         np.maximum(timeout, np.array(hold, ">u4"), out=timeout)

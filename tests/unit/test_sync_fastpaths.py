@@ -60,13 +60,14 @@ def test_truncated_entry_is_malformed_even_with_a_plan_of_its_length():
 
 
 def walked_tcp_flags(p: bytes) -> bytes:
-    """The reference: walk CTA_PROTOINFO_TCP and set each flags mask to its flags."""
+    """The reference: walk CTA_PROTOINFO_TCP, mark each direction's flags BE_LIBERAL and set
+    each mask to its flags."""
     b = bytearray(p)
     for t, ps, pe, _, _ in ctmsg.iter_attrs(p, 4, len(p)):
         if t == CTA_PROTOINFO_TCP:
             for tt, ts, te, _, _ in ctmsg.iter_attrs(p, ps, pe):
                 if tt in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY) and te - ts >= 2:
-                    b[ts + 1] = b[ts]
+                    b[ts] = b[ts + 1] = b[ts] | cb.IP_CT_TCP_FLAG_BE_LIBERAL
     return bytes(b)
 
 
