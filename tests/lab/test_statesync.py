@@ -52,6 +52,22 @@ def synced():
         teardown(lab)
 
 
+@pytest.fixture(autouse=True)
+def _heal_the_shared_lab(request):
+    """A test that fails half-way must not leave the shared lab crashed (or a daemon stopped)
+    for the tests after it: undo what it left. A test that passed left nothing."""
+    yield
+    if "synced" not in request.fixturenames:
+        return
+    lab = request.getfixturevalue("synced")
+    for node in list(lab.faults):
+        faults.restore(lab, node)
+    for fw in ("fw1", "fw2"):
+        if fw not in lab.pids:
+            lab.pids[fw] = commands.start_hasync(lab, fw)
+            lab.save()
+
+
 def wait_sync_connected(lab, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     last = None
