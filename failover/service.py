@@ -91,6 +91,16 @@ class GroupRunner:
         self.links.close()
 
 
+def dispatch_ready(events) -> None:
+    """Call each ready socket's handler. A handler may close sockets that are later in the
+    same batch (a group deleted or changed through the control socket closes its advert
+    sockets): those are skipped, not read (a read would raise EBADF and end the daemon)."""
+    for key, _ in events:
+        if key.fileobj.fileno() < 0:
+            continue
+        key.data(key.fileobj)
+
+
 class FailoverService:
     def __init__(self, cfg: NodeConfig, *, sync: Any = None,
                  on_transition: Callable[[Transition], None] | None = None,
@@ -206,8 +216,7 @@ class FailoverService:
                     timeout = 0.5
                 wait = min(timeout, 0.5)
                 expected_wake = time.monotonic() + wait
-                for key, _ in self.sel.select(wait):
-                    key.data(key.fileobj)
+                dispatch_ready(self.sel.select(wait))
         finally:
             self.close()
 
@@ -222,8 +231,7 @@ class FailoverService:
         self.stalls += 1
         self.longest_stall = max(self.longest_stall, late)
         r.machine.on_stall(late, time.monotonic())
-        for key, _ in self.sel.select(0):
-            key.data(key.fileobj)
+        dispatch_ready(self.sel.select(0))
 
     def _shutdown_step(self, now: float) -> bool:
         r = self.runner
