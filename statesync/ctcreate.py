@@ -320,6 +320,13 @@ _KERNEL_TCP_HEADERS = (
 )
 
 
+def kernel_tcp_state(p: bytes) -> int | None:
+    """The TCP state in a CTA_PROTOINFO of the kernel's own layout (one Struct read), else None."""
+    if len(p) == 48 and _read_tcp_headers(p) == _KERNEL_TCP_HEADERS:
+        return p[12]
+    return None
+
+
 def _tcp_flags_masked(p: bytes) -> bytes:
     """CTA_PROTOINFO with each direction's TCP flags marked BE_LIBERAL and its mask set to
     its flags.

@@ -427,31 +427,26 @@ class CtSocket:
     def delete(self, keys: Iterable[bytes], family: int = socket.AF_UNSPEC) -> ApplyResult:
         """Delete by key (orig tuple [+ zone] attribute bytes). AF_UNSPEC: the family is read
         from the key's address attribute. ENOENT counts entries already gone."""
-        hdr = NFGEN_HDR.pack
-        keys = keys if isinstance(keys, list) else list(keys)
-        seq0 = self._next_seq(len(keys) + 1)
-
-        def messages():
-            seq = seq0
-            for key in keys:
-                fam = family or _family_of_key(key)
-                yield hdr(NFGEN_HDR_LEN + len(key), CT_DELETE, NLM_F_REQUEST, seq, 0, fam, 0, 0) + key
-                seq = (seq + 1) & 0xFFFFFFFF
-
-        return self.send_batched(messages())
+        return self._send_keyed(CT_DELETE, ((key, b"") for key in keys), family)
 
     def set_timeouts(self, items: Iterable[tuple[bytes, int]]) -> ApplyResult:
         """Update each (key, seconds) entry's timeout: an update request (no NLM_F_CREATE)
         of the key and CTA_TIMEOUT alone. ENOENT counts entries gone meanwhile."""
+        timeout = ctmsg.NLA_HDR.pack(8, ctmsg.CTA_TIMEOUT)
+        return self._send_keyed(CT_NEW, ((key, timeout + ctmsg.BE32.pack(s)) for key, s in items))
+
+    def _send_keyed(self, msg_type: int, requests: Iterable[tuple[bytes, bytes]],
+                    family: int = socket.AF_UNSPEC) -> ApplyResult:
+        """One plain request (NLM_F_REQUEST) per (key, more attributes)."""
         hdr = NFGEN_HDR.pack
-        items = items if isinstance(items, list) else list(items)
-        seq0 = self._next_seq(len(items) + 1)
+        requests = list(requests)
+        seq0 = self._next_seq(len(requests) + 1)
 
         def messages():
             seq = seq0
-            for key, seconds in items:
-                body = key + ctmsg.NLA_HDR.pack(8, ctmsg.CTA_TIMEOUT) + ctmsg.BE32.pack(seconds)
-                yield hdr(NFGEN_HDR_LEN + len(body), CT_NEW, NLM_F_REQUEST, seq, 0, _family_of_key(key), 0, 0) + body
+            for key, more in requests:
+                fam = family or _family_of_key(key)
+                yield hdr(NFGEN_HDR_LEN + len(key) + len(more), msg_type, NLM_F_REQUEST, seq, 0, fam, 0, 0) + key + more
                 seq = (seq + 1) & 0xFFFFFFFF
 
         return self.send_batched(messages())

@@ -95,7 +95,7 @@ class EntryFilter:
                     self.ignored += 1
                     return False
             return True
-        fields = _fast_fields(key)
+        fields = fast_key_fields(key)
         if fields is None:
             try:
                 proto, src, dst, _sport, _dport = tuple_info(key)
@@ -151,7 +151,7 @@ class EntryFilter:
         return out.tolist()
 
 
-def _fast_fields(key: bytes) -> tuple[int, bytes, bytes] | None:
+def fast_key_fields(key: bytes) -> tuple[int, bytes, bytes] | None:
     """(proto, src, dst) of a key in the kernel's layout, else None (the caller walks it)."""
     shape = _IP_SHAPES.get(key[4:12])
     if shape is None:

@@ -22,11 +22,13 @@ import struct
 from typing import Iterable
 
 from .ctconst import (
-    BE32, CTA_PROTO_NUM, CTA_PROTOINFO, CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_STATE,
+    BE32, CTA_PROTOINFO, CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_STATE,
     CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPS_SEEN_REPLY, NLA_HDR, NLA_TYPE_MASK,
 )
-from .ctmsg import MalformedMessage, tuple_info
+from .ctcreate import kernel_tcp_state
+from .ctmsg import MalformedMessage, find_attr, tuple_info
+from .filter import fast_key_fields
 
 SYSCTL_DIR = "/proc/sys/net/netfilter"
 
@@ -61,34 +63,27 @@ def read_ceilings(sysctl_dir: str = SYSCTL_DIR) -> Ceilings:
 
 
 def _proto_of(key: bytes) -> int:
-    # the key starts with CTA_TUPLE_ORIG { CTA_TUPLE_IP {...}, CTA_TUPLE_PROTO { CTA_PROTO_NUM, ...} }
-    if len(key) >= 16:
-        ip_len = NLA_HDR.unpack_from(key, 4)[0]
-        at = 4 + ((ip_len + 3) & ~3) + 4
-        if at + 5 <= len(key) and NLA_HDR.unpack_from(key, at) == (5, CTA_PROTO_NUM):
-            return key[at + 4]
-    return tuple_info(key)[0]
+    fields = fast_key_fields(key)  # the kernel's key layout, read by fixed offsets
+    return fields[0] if fields is not None else tuple_info(key)[0]
 
 
-def _state_of(attrs: bytes, start: int, end: int, nest_type: int, state_type: int) -> int | None:
-    """The state byte of CTA_PROTOINFO {nest_type {state_type, ...}} at attrs[start:end]."""
-    off = start
-    while off + 4 <= end:
-        alen, atype = NLA_HDR.unpack_from(attrs, off)
-        if alen < 4:
+def _state_of(proto: int, attrs: bytes, protoinfo: tuple[int, int] | None, status: int | None) -> int | None:
+    """The entry's state as SYSCTLS keys it: TCP/SCTP from CTA_PROTOINFO, UDP from its status."""
+    if proto == IPPROTO_TCP or proto == IPPROTO_SCTP:
+        if protoinfo is None:
             return None
-        if atype & NLA_TYPE_MASK == nest_type:
-            inner, stop = off + 4, off + alen
-            while inner + 4 <= stop:
-                ilen, itype = NLA_HDR.unpack_from(attrs, inner)
-                if ilen < 4:
-                    return None
-                if itype & NLA_TYPE_MASK == state_type and ilen >= 5:
-                    return attrs[inner + 4]
-                inner += (ilen + 3) & ~3
-            return None
-        off += (alen + 3) & ~3
-    return None
+        if proto == IPPROTO_TCP:
+            fast = kernel_tcp_state(attrs[protoinfo[0] - 4:protoinfo[1]])
+            if fast is not None:
+                return fast
+        nest, state_attr = ((CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE) if proto == IPPROTO_TCP
+                            else (CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_STATE))
+        inner = find_attr(attrs, nest, *protoinfo)
+        at = None if inner is None else find_attr(attrs, state_attr, *inner)
+        return None if at is None or at[1] <= at[0] else attrs[at[0]]
+    if proto == IPPROTO_UDP:
+        return 1 if status is not None and status & IPS_SEEN_REPLY else 0
+    return 0
 
 
 def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings) -> tuple[int, int] | None:
@@ -113,18 +108,9 @@ def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings) -> tuple[int, int] 
         return None
     try:
         proto = _proto_of(key)
+        state = _state_of(proto, attrs, protoinfo, status)
     except (struct.error, MalformedMessage):
-        return None  # not a key the kernel would give: leave the entry alone
-    if proto == IPPROTO_TCP or proto == IPPROTO_SCTP:
-        if protoinfo is None:
-            return None
-        nest, state_attr = ((CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE) if proto == IPPROTO_TCP
-                            else (CTA_PROTOINFO_SCTP, CTA_PROTOINFO_SCTP_STATE))
-        state = _state_of(attrs, *protoinfo, nest, state_attr)
-    elif proto == IPPROTO_UDP:
-        state = 1 if status is not None and status & IPS_SEEN_REPLY else 0
-    else:
-        state = 0
+        return None  # not what the kernel would give: leave the entry alone
     ceiling = ceilings.get((proto, state))
     return None if ceiling is None else (timeout, ceiling)
 

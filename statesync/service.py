@@ -490,10 +490,12 @@ class SyncService:
         ceilings = holdrelease.read_ceilings()
         accepts = self.filter.accepts
         changes = (c[1:] for c in self.ct.dump_changes() if accepts(c[2]))
-        released = self._release_holds(holdrelease.releases(changes, ceilings))
+        released = self._release_holds(changes, ceilings)
         log.info("takeover: %d held entries given their kernel timeout back", released)
 
-    def _release_holds(self, items: list[tuple[bytes, int]]) -> int:  # in the writer thread
+    def _release_holds(self, entries, ceilings: holdrelease.Ceilings) -> int:  # in the writer thread
+        """Cut (family, key, attrs, ...) entries held beyond their kernel default to it."""
+        items = holdrelease.releases(entries, ceilings)
         if not items:
             return 0
         res = self.ct.set_timeouts(items)
@@ -530,7 +532,7 @@ class SyncService:
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)
                 entries = [c[1:] for c in chosen]
                 if ceilings is not None:
-                    self.writer.submit(self._release_holds, holdrelease.releases(entries, ceilings))
+                    self.writer.submit(self._release_holds, entries, ceilings)
                 yield entries
         finally:
             sock.close()

@@ -11,7 +11,7 @@ from statesync.ctconst import (
     CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
     CTA_PROTOINFO_TCP_FLAGS_REPLY, CTA_TUPLE_ORIG, CTA_ZONE, EV_DESTROY, EV_NEW,
 )
-from statesync.filter import EntryFilter, _fast_fields
+from statesync.filter import EntryFilter, fast_key_fields
 from tests.unit.test_ctmsg import entries, tuples
 
 
@@ -88,7 +88,7 @@ def test_tcp_flags_fast_path_matches_the_walk(state, flag_bytes, reorder):
 @given(tuples(), st.none() | st.integers(1, 0xFFFF))
 def test_filter_fast_fields_match_tuple_info(t, zone):
     key = cb.encode_tuple(CTA_TUPLE_ORIG, t) + (cb.be16(CTA_ZONE, zone) if zone else b"")
-    fields = _fast_fields(key)
+    fields = fast_key_fields(key)
     assert fields is not None  # the encoder writes the kernel's layout
     assert fields == ctmsg.tuple_info(key)[:3]
     for cut in range(0, len(key), 7):  # a short key either walks or reads consistently, never crashes
