@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+from pathlib import Path
 from typing import Iterator
 
 from hasync.lab import firewall
@@ -131,6 +132,18 @@ def build(name: str = "lab", tag: str | None = None, *, owner_pid: int | None = 
     return lab
 
 
+def _keep_logs(lab: Lab) -> None:
+    """HASYNC_LAB_KEEP_LOGS=DIR: copy the lab's logs to DIR/<lab name> before they go (the
+    daemons' logs explain a failed test after its namespaces are gone)."""
+    keep = os.environ.get("HASYNC_LAB_KEEP_LOGS")
+    if not keep:
+        return
+    for log in Path(lab.workdir).rglob("*.log"):
+        target = Path(keep) / lab.name / log.relative_to(lab.workdir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, target)
+
+
 def teardown(name: "str | Lab") -> None:
     """Stop every recorded process, delete every namespace, remove workdir and state.
 
@@ -156,6 +169,7 @@ def teardown(name: "str | Lab") -> None:
             if pid != os.getpid():
                 stop_process(pid, timeout=1.0)
     ip_batch([f"netns delete {ns}" for ns in ours], force=True)
+    _keep_logs(lab)
     shutil.rmtree(lab.workdir, ignore_errors=True)
     state_path(name).unlink(missing_ok=True)
 

@@ -26,13 +26,21 @@ pytestmark = pytest.mark.lab
 SERVER = "203.0.113.10"
 STEADY = {"fw1": "MASTER", "fw2": "BACKUP"}
 SESSIONS = 200
+# These tests watch the kernel tables with `conntrack -L`, and one dump of a nearly empty
+# table walks the whole shared hash (262144 buckets) in one recv(), stalling a CPU for
+# 10-13.5 ms (a SCHED_FIFO 5 ms loop here, another namespace dumping every 50 ms: max 13.45 ms
+# late). A Master stalled that long misses 3 adverts, and with the lab's 15 ms dead time its
+# peer takes over for a moment (12 false failovers in 84 polls, none with 5 missed adverts).
+# The sessions must survive a crash, not the observer: dead after 5 (25 ms).
+HEARTBEAT = {"heartbeat_interval_ms": 5, "dead_count": 5}
 
 
 def _lab(sync: bool):
     if os.geteuid() != 0:
         pytest.skip("lab tests need root")
     tag = f"s{secrets.token_hex(2)}"
-    lab = commands.up(f"t-sync-{tag}", tag=tag, owner_pid=os.getpid(), sync_enabled=sync)
+    lab = commands.up(f"t-sync-{tag}", tag=tag, owner_pid=os.getpid(), sync_enabled=sync,
+                      **HEARTBEAT)
     ready = Path(lab.workdir) / "sessions.ready"
     lab.pids["sessions-server"] = start_process(
         lab, "server", [sys.executable, "-m", "hasync.lab.sessions", "server", "--port", "7001",
