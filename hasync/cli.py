@@ -96,6 +96,10 @@ def render_status(s: dict[str, Any], colour: bool = False) -> str:
         lines.append(f"  sync: {'connected' if sync.get('connected') else 'not connected'},"
                      f" {sync.get('entries_applied', 0)} applied, {sync.get('entries_sent', 0)} sent,"
                      f" lag {sync.get('lag_ms')} ms, last resync {sync.get('last_resync')}")
+        commit = sync.get("last_commit")
+        if commit:  # cache mode: what the last takeover waited for
+            lines.append(f"  sync cache: {commit['entries']} entries committed at the last takeover"
+                         f" in {commit['ms']} ms")
         cfg = sync.get("config") or {}
         if cfg:
             state = "in sync" if cfg.get("in_sync") else f"behind by {cfg.get('behind', '?')}"

@@ -239,12 +239,18 @@ def test_cache_mode_commits_on_takeover_then_the_direction_flips(pair):
     pair.stop("b")
     sh("conntrack", "-F", ns=pair.b)
     pair.start("b", pair.cfg_b_cache, "backup")
+    if not any("sport=20000 " in line for line in ct_entries(pair.a)):
+        insert(pair.a, 0)  # run alone: the entry an earlier test left, deleted at the end
     n = len(ct_entries(pair.a))
     wait_for(lambda: ask(pair.b, "status")["cached"] == n, f"{n} entries in B's cache")
     assert ct_entries(pair.b) == []  # cache mode: nothing in the kernel before the takeover
     reply = ask(pair.b, "role", role="master")
     assert reply["ok"] and reply["committed"] == n
     assert len(ct_entries(pair.b)) == n  # the reply comes after the commit, not before
+    # what the takeover waited for, shown (the status copy may be a moment old)
+    wait_for(lambda: ask(pair.b, "status")["last_commit"], "the commit in B's status")
+    commit = ask(pair.b, "status")["last_commit"]
+    assert commit["entries"] == n and commit["ms"] >= commit["frame_ms"] >= 0, commit
     assert ask(pair.a, "role", role="backup")["ok"]
     insert(pair.b, 300)  # the new Master's changes now flow to the old one
     wait_for(lambda: any("sport=20300 " in line for line in ct_entries(pair.a)), "B -> A replication")
