@@ -434,6 +434,7 @@ class Receiver:
     _resync_asked: float = float("-inf")
     _retry_after: float = 0.0  # current wait before repeating a RESYNC_REQ (0: resync_retry)
     _not_before: float = float("-inf")  # no request before this (ask_resync_later)
+    _grace_until: float = float("-inf")  # a former Master's grace; reset() keeps it (a flap series)
 
     def reset(self) -> None:
         self._forget_position()
@@ -609,11 +610,17 @@ class Receiver:
 
     def ask_resync_later(self, now: float, delay: float) -> None:
         """Unsynced from now; the first frame from the Master `delay` s from now or later
-        makes the request (a node that was Master: see the service's RESEAT_GRACE_S)."""
+        makes the request (a node that was Master: see the service's RESEAT_GRACE_S).
+        A node that flaps (Master for a moment, again and again: heartbeats lost to a stalled
+        CPU) keeps the grace of the series' first flap: if each flap pushed the request out
+        again, a Backup flapping every few hundred ms never asked and held nothing (seen in the
+        lab: 0 of 200 sessions' entries after 10 s of flaps)."""
         self._forget_position()
         self._resync_asked = float("-inf")  # that request is a first one, not a repeat
         self._retry_after = 0.0
-        self._not_before = now + delay
+        if self._grace_until <= now:
+            self._grace_until = now + delay
+        self._not_before = self._grace_until
 
     def _ask_for_lost_begin(self, now: float) -> list:
         """A snapshot is flowing and we missed its RESYNC_BEGIN: ask again as soon as a NACK

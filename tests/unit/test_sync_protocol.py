@@ -468,3 +468,21 @@ def test_a_former_master_asks_for_its_resync_only_after_the_grace():
     assert r.on_bytes(keepalive, 10.2) == [] and r.on_bytes(snap, 10.9) == []
     assert r.on_bytes(keepalive, 11.0) == [RequestResync()]
     assert not r.synced and r.reseat_pending
+
+
+def test_a_flapping_former_master_keeps_its_first_grace():
+    """Master again for a moment within the grace, then Backup again: the request is not
+    pushed out by the second flap (a flap every few hundred ms would push it out forever)."""
+    r = Receiver()
+    r.reseat_next_resync()
+    r.ask_resync_later(10.0, 1.0)
+    r.reset()  # Master for a moment
+    r.reseat_next_resync()
+    r.ask_resync_later(10.4, 1.0)
+    keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 7))
+    assert r.on_bytes(keepalive, 10.9) == []
+    assert r.on_bytes(keepalive, 11.0) == [RequestResync()]
+    # a flap after that grace is over starts a grace of its own
+    r.reset()
+    r.ask_resync_later(20.0, 1.0)
+    assert r.on_bytes(keepalive, 20.5) == [] and r.on_bytes(keepalive, 21.0) == [RequestResync()]
