@@ -26,13 +26,13 @@ import time
 from typing import Any, Callable
 
 from bench._table import Column, emit_json, progress, render, summarize
-from bench.sync import ConntrackCount, PreparedBurst, conntrack_room, inject, sync_lab, sync_status
+from bench.sync import (ConntrackCount, PreparedBurst, conntrack_room, inject, sync_lab, sync_status,
+                        wait_for_count)
 from hasync.lab import commands, faults, nsctl
 from hasync.lab.topology import teardown
 from statesync.ctnetlink import CtSocket, synthetic_entries
 
 MODES = ("kernel", "cache")
-POLL_S = 0.005
 OWN_FLOWS = 16  # the lab's heartbeat and sync-channel entries: some go with the crashed peer
 
 COLUMNS = [
@@ -47,12 +47,10 @@ COLUMNS = [
 ]
 
 
-def _wait(what: str, done: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
+def _wait(what: str, count: Callable[[], int], target: int, timeout: float) -> None:
+    done, seen = wait_for_count(count, target, timeout)
+    if done is None:
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}: {seen} of {target}")
 
 
 def one_run(mode: str, n: int, burst: PreparedBurst, say: Callable[[str], None]) -> dict[str, Any]:
@@ -66,9 +64,9 @@ def one_run(mode: str, n: int, burst: PreparedBurst, say: Callable[[str], None])
         if failed:
             raise RuntimeError(f"{failed} of {n} entries refused by fw1's kernel")
         if mode == "kernel":
-            _wait("fw2's kernel table", lambda: backup_count() >= base + n, 60 + n / 5000)
+            _wait("fw2's kernel table", backup_count, base + n, 60 + n / 5000)
         else:
-            _wait("fw2's cache", lambda: sync_status(lab, "fw2").get("cached", 0) >= n, 60 + n / 5000)
+            _wait("fw2's cache", lambda: sync_status(lab, "fw2").get("cached", 0), n, 60 + n / 5000)
             if backup_count() >= base + n:
                 raise RuntimeError("cache mode wrote the entries into the Backup's kernel before the takeover")
         faults.fail(lab, "fw1", "crash")

@@ -248,8 +248,7 @@ def test_cache_mode_commits_on_takeover_then_the_direction_flips(pair):
     assert reply["ok"] and reply["committed"] == n
     assert len(ct_entries(pair.b)) == n  # the reply comes after the commit, not before
     # what the takeover waited for, shown (the status copy may be a moment old)
-    wait_for(lambda: ask(pair.b, "status")["last_commit"], "the commit in B's status")
-    commit = ask(pair.b, "status")["last_commit"]
+    commit = wait_for(lambda: ask(pair.b, "status")["last_commit"], "the commit in B's status")
     assert commit["entries"] == n and commit["ms"] >= commit["frame_ms"] >= 0, commit
     assert ask(pair.a, "role", role="backup")["ok"]
     insert(pair.b, 300)  # the new Master's changes now flow to the old one
