@@ -483,3 +483,39 @@ def test_an_entry_made_without_the_event_extension_never_reports_its_destroy(net
             assert s.delete([ctmsg.key_of(mute[1]), ctmsg.key_of(heard[1])]).failed == 0
             gone = [e.key for e in read_events(ev) if e.kind == EV_DESTROY]
     assert gone == [ctmsg.key_of(heard[1])]
+
+
+def test_a_mark_only_update_is_completed_into_a_whole_tcp_entry(netns):
+    """ctnetlink's UPDATE event for a mark change on an established flow carries no
+    CTA_PROTOINFO (the kernel adds it only with a TCP state change). statesync.table
+    completes it from the entry's NEW event, and B's kernel, given only the completed
+    record (as a cache-mode commit or a re-seat would), holds the flow ESTABLISHED, marked."""
+    from statesync.table import StateTable
+
+    a, b, c = build_pair(netns)
+    sh("nft", "add", "rule", "inet", "hsx_ct", "out", "tcp", "dport", "8081",
+       "tcp", "flags", "&", "psh", "==", "psh", "ct", "mark", "set", "9", ns=a)
+    table = StateTable()
+    with CtSocket.open_in(a, events=True) as ev:
+        with entered_netns(c):
+            srv = socket.create_server(("192.0.2.10", 8081))
+        with entered_netns(a):
+            cl = socket.create_connection(("192.0.2.10", 8081), timeout=5)
+        conn, _ = srv.accept()
+        seen = read_events(ev)  # the handshake: NEW, then ESTABLISHED with protoinfo
+        table.on_changes([(e.kind, e.family, e.key, e.attrs, 0) for e in seen])
+        cl.sendall(b"x")  # PSH: the rule sets the mark, the state stays
+        assert conn.recv(1) == b"x"
+        updates = [e for e in read_events(ev) if e.kind == EV_UPDATE]
+        for s in (cl, conn, srv):
+            s.close()
+    assert len(updates) == 1, updates
+    raw = updates[0]
+    assert ctmsg.mark_of(raw.attrs) == 9
+    assert ctmsg.find_attr(raw.attrs, ctmsg.CTA_PROTOINFO) is None  # the premise
+    out = table.on_changes([(raw.kind, raw.family, raw.key, raw.attrs, 0)])
+    assert table.completed == 1
+    with CtSocket.open_in(b) as sb:
+        assert sb.apply([(raw.family, out[0][3])]).failed == 0
+    line = sh("conntrack", "-L", "-p", "tcp", "--dport", "8081", ns=b).stdout
+    assert "ESTABLISHED" in line and "mark=9" in line and "dst=203.0.113.1" in line, line

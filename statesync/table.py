@@ -1,0 +1,130 @@
+"""The Master's state table: each entry's current attributes, kept from ctnetlink events.
+
+Two reasons to keep it (conntrackd keeps the same, its "internal cache"):
+- A resync is served from here, not from a dump. A dump walks the whole conntrack
+  hash in one recv() with preemption off (~10 ms of a CPU at the lab's hash size,
+  more with a bigger one): that CPU forwards nothing meanwhile and the failover
+  daemons' heartbeats run late. With the table, only the first resync of a Master
+  term whose table is not known dumps (it also seeds the table).
+- An UPDATE event carries only part of an entry: CTA_PROTOINFO comes only with a
+  protocol-state change, CTA_LABELS only with a label change, and so on (a mark-only
+  update has no TCP state). A Backup that creates an entry from such a record (cache
+  mode's commit, a resync's re-seat) would make a TCP entry without its state. So each
+  update is completed with the attributes it lacks from the entry's last state, and
+  the completed record is what is sent.
+
+Entries are (family, key, attrs, ...) tuples as the snapshot streams them. Pure code.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from operator import itemgetter
+from typing import Iterator
+
+from .ctconst import (
+    CTA_HELP, CTA_LABELS, CTA_PROTOINFO, CTA_SECCTX, CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY, CTA_SYNPROXY,
+    CTA_TUPLE_MASTER, EV_DESTROY, EV_NEW,
+)
+from .ctmsg import MalformedMessage, iter_attrs
+
+# top-level attributes an event may leave out while the entry still has them (the kernel
+# puts them in only when their IPCT_* bit is in the event); the rest are always sent or,
+# like CTA_MARK, left out only when zero
+CARRIED = frozenset({CTA_PROTOINFO, CTA_HELP, CTA_TUPLE_MASTER, CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY,
+                     CTA_SECCTX, CTA_LABELS, CTA_SYNPROXY})
+
+SNAPSHOT_CHUNK = 128  # entries per snapshot chunk: about a dump datagram's worth
+
+_NEW_ONLY = frozenset({EV_NEW})
+_KIND = itemgetter(0)
+_KEY = itemgetter(2)
+_ENTRY_KEY = itemgetter(1)
+
+
+def complete(old: bytes, new: bytes) -> bytes:
+    """`new` plus the CARRIED attributes of `old` that `new` lacks (`new` itself if none)."""
+    try:
+        present = {t for t, *_ in iter_attrs(new)}
+        extra = [old[s:e] for t, _, _, s, e in iter_attrs(old) if t in CARRIED and t not in present]
+    except MalformedMessage:
+        return new  # the receiver drops and counts what does not parse
+    if not extra:
+        return new
+    pad = b"\0" * (-len(new) % 4)  # the kernel pads; an appended attribute must start aligned
+    return b"".join([new, pad, *extra])
+
+
+class StateTable:
+    """key -> (family, key, attrs, ...) for every entry the Master replicates.
+
+    `seeded` says the table holds the whole kernel table: until then a resync must dump
+    (and seeds the table with `begin_seed`, `seed`, `end_seed`)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, tuple] = {}
+        self.seeded = False
+        self.completed = 0  # updates completed from the entry's last state
+        self._seeding: set[bytes] | None = None  # keys changed live while a seeding dump runs
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def on_changes(self, changes: list[tuple]) -> list[tuple]:
+        """Record (kind, family, key, attrs, ...) changes; return them with updates completed."""
+        entries = self.entries
+        if self._seeding is not None:
+            self._seeding.update(map(_KEY, changes))
+        if set(map(_KIND, changes)) <= _NEW_ONLY:
+            # a burst of new entries (a NEW for a key we hold means we missed its destroy)
+            entries.update(zip(map(_KEY, changes), (c[1:] for c in changes)))
+            return changes
+        out = []
+        for change in changes:
+            key = change[2]
+            if change[0] == EV_DESTROY:
+                entries.pop(key, None)
+            else:
+                old = entries.get(key)
+                if old is not None and change[0] != EV_NEW:
+                    attrs = complete(old[2], change[3])
+                    if attrs is not change[3]:
+                        change = (*change[:3], attrs, *change[4:])
+                        self.completed += 1
+                entries[key] = change[1:]
+            out.append(change)
+        return out
+
+    def snapshot(self) -> Iterator[list[tuple]]:
+        """The table as it is now, in chunks of entries (Sender.start_resync(chunked=True)).
+        Copied at once: later changes reach the peer live (the Sender skips their keys)."""
+        values = iter(list(self.entries.values()))
+        return iter(lambda: list(islice(values, SNAPSHOT_CHUNK)), [])
+
+    # ---- seeding from a dump
+
+    def begin_seed(self) -> None:
+        self.entries.clear()
+        self.seeded = False
+        self._seeding = set()
+
+    def seed(self, entries: list[tuple]) -> None:
+        """Dumped (family, key, attrs, ...) entries; a key changed live since begin_seed keeps
+        its live state (the dump's may be older)."""
+        touched = self._seeding
+        if touched is None:
+            return  # unseeded since (an overrun): this dump no longer counts
+        if touched:
+            entries = [e for e in entries if e[1] not in touched]
+        self.entries.update(zip(map(_ENTRY_KEY, entries), entries))
+
+    def end_seed(self) -> None:
+        if self._seeding is not None:
+            self._seeding = None
+            self.seeded = True
+
+    def unseed(self) -> None:
+        """Events were lost (an overrun): the table is wrong until a dump seeds it again."""
+        self.entries.clear()
+        self.seeded = False
+        self._seeding = None

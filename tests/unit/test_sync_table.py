@@ -1,0 +1,140 @@
+"""statesync.table: the Master's per-key state, completed updates, snapshots and seeding."""
+
+import socket
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from statesync import ctbuild as cb
+from statesync import ctmsg
+from statesync.ctconst import EV_DESTROY, EV_NEW, EV_UPDATE, TCP_CONNTRACK_FIN_WAIT
+from statesync.table import SNAPSHOT_CHUNK, StateTable, complete
+
+T = cb.Tuple(6, "198.18.0.1", "198.19.0.1", 1000, 80)
+
+
+def change(kind, attrs, family=socket.AF_INET, portid=0):
+    return (kind, family, ctmsg.key_of(attrs), attrs, portid)
+
+
+def test_a_mark_only_update_keeps_the_tcp_state():
+    _, new = cb.encode_entry(T)  # ESTABLISHED, with protoinfo
+    _, mark_only = cb.encode_entry(T, mark=7, tcp_state=None)  # what IPCT_MARK alone sends
+    table = StateTable()
+    table.on_changes([change(EV_NEW, new)])
+    out = table.on_changes([change(EV_UPDATE, mark_only)])
+    got = ctmsg.decode_entry(socket.AF_INET, out[0][3])
+    assert got["mark"] == 7
+    assert got["protoinfo"]["tcp"]["state"] == ctmsg.decode_entry(socket.AF_INET, new)["protoinfo"]["tcp"]["state"]
+    assert table.entries[ctmsg.key_of(new)][2] == out[0][3]
+    assert out[0][4] == 0 and table.completed == 1
+
+
+def test_an_update_with_its_own_protoinfo_replaces_the_old_one():
+    _, new = cb.encode_entry(T)
+    _, fin = cb.encode_entry(T, tcp_state=TCP_CONNTRACK_FIN_WAIT)
+    table = StateTable()
+    table.on_changes([change(EV_NEW, new)])
+    out = table.on_changes([change(EV_UPDATE, fin)])
+    assert out[0][3] is fin and table.completed == 0
+
+
+def test_a_new_entry_in_the_same_batch_as_its_update_is_completed():
+    _, new = cb.encode_entry(T)
+    _, mark_only = cb.encode_entry(T, mark=7, tcp_state=None)
+    table = StateTable()
+    out = table.on_changes([change(EV_NEW, new), change(EV_UPDATE, mark_only)])
+    assert "protoinfo" in ctmsg.decode_entry(socket.AF_INET, out[1][3])
+
+
+def test_complete_aligns_what_it_appends():
+    _, old = cb.encode_entry(T)
+    _, new = cb.encode_entry(T, tcp_state=None)
+    tail = (5).to_bytes(2, "little") + (30).to_bytes(2, "little") + b"\x01"  # a u8, unpadded
+    got = complete(old, new + tail)  # (not what the kernel sends, but legal bytes)
+    assert [t for t, *_ in ctmsg.iter_attrs(got)][-2:] == [30, ctmsg.CTA_PROTOINFO]
+
+
+def test_complete_leaves_malformed_bytes_alone():
+    _, old = cb.encode_entry(T)
+    assert complete(old, b"\xff\xff\x01\x00") == b"\xff\xff\x01\x00"
+
+
+ops = st.lists(st.tuples(st.sampled_from(["new", "update", "mark", "destroy"]), st.integers(0, 5)),
+               max_size=40)
+
+
+@settings(max_examples=200)
+@given(ops, st.integers(1, 7))
+def test_table_matches_a_model_of_the_kernel(script, batch):
+    """Whatever the batching, the table ends as the kernel would be: each live entry with its
+    latest mark and its latest TCP state."""
+    table = StateTable()
+    model = {}  # port -> (mark, state)
+    changes = []
+    for op, port in script:
+        t = cb.Tuple(6, "198.18.0.1", "198.19.0.1", 1000 + port, 80)
+        mark, state = model.get(port, (None, 3))
+        if op == "destroy":
+            _, attrs = cb.encode_entry(t, tcp_state=None)
+            changes.append(change(EV_DESTROY, attrs))
+            model.pop(port, None)
+            continue
+        if op == "mark":
+            if port not in model:
+                continue
+            mark = (mark or 0) + 1
+            _, attrs = cb.encode_entry(t, mark=mark, tcp_state=None)
+        else:
+            state = 3 if op == "new" else (state % 8) + 1
+            _, attrs = cb.encode_entry(t, mark=mark, tcp_state=state)
+        changes.append(change(EV_NEW if op == "new" and port not in model else EV_UPDATE, attrs))
+        model[port] = (mark, state)
+    sent = []
+    for i in range(0, len(changes), batch):
+        sent += table.on_changes(changes[i:i + batch])
+    assert [c[2] for c in sent] == [c[2] for c in changes]
+    got = {}
+    for _family, key, attrs, *_ in table.entries.values():
+        d = ctmsg.decode_entry(socket.AF_INET, attrs)
+        got[d["orig"]["sport"] - 1000] = (d.get("mark"), d["protoinfo"]["tcp"]["state"])
+    assert got == model
+
+
+def test_snapshot_is_the_table_at_the_call_in_chunks():
+    table = StateTable()
+    news = [cb.encode_entry(cb.Tuple(17, "198.18.0.1", "198.19.0.1", p, 53)) for p in range(1, 301)]
+    table.on_changes([change(EV_NEW, a) for _, a in news])
+    snap = table.snapshot()
+    table.on_changes([change(EV_DESTROY, news[0][1])])  # after the call: reaches the peer live
+    chunks = list(snap)
+    assert [len(c) for c in chunks] == [SNAPSHOT_CHUNK, SNAPSHOT_CHUNK, 300 - 2 * SNAPSHOT_CHUNK]
+    assert {e[1] for c in chunks for e in c} == {ctmsg.key_of(a) for _, a in news}
+    assert all(e[2] is table.entries.get(e[1], e)[2] for c in chunks for e in c)
+
+
+def test_seeding_keeps_live_changes_over_the_dump():
+    _, a = cb.encode_entry(T)
+    _, b = cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80))
+    _, a_fin = cb.encode_entry(T, tcp_state=TCP_CONNTRACK_FIN_WAIT)
+    table = StateTable()
+    table.on_changes([change(EV_NEW, ctmsg.key_of(b) and b)])  # from before: the seed replaces all
+    table.begin_seed()
+    assert not table.seeded and len(table) == 0
+    table.on_changes([change(EV_UPDATE, a_fin)])  # live, newer than the dump's copy of a
+    table.on_changes([change(EV_DESTROY, b)])  # gone live: the dump's copy is stale
+    table.seed([(socket.AF_INET, ctmsg.key_of(a), a, 0), (socket.AF_INET, ctmsg.key_of(b), b, 0)])
+    table.end_seed()
+    assert table.seeded
+    assert list(table.entries) == [ctmsg.key_of(a)]
+    assert table.entries[ctmsg.key_of(a)][2] == a_fin
+
+
+def test_an_unseed_during_a_seed_voids_that_dump():
+    _, a = cb.encode_entry(T)
+    table = StateTable()
+    table.begin_seed()
+    table.unseed()
+    table.seed([(socket.AF_INET, ctmsg.key_of(a), a, 0)])
+    table.end_seed()
+    assert not table.seeded and len(table) == 0
