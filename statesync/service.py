@@ -11,8 +11,10 @@ Dumps are rare on purpose: one conntrack dump of a (nearly) empty table walks th
 whole hash, shared by all namespaces, in one recv() and stalls a CPU for ~15 ms on a
 non-preemptible kernel, which the failover daemons' 5 ms heartbeats notice. So the
 Backup purges from the keys it knows it holds (Receiver.held, seeded by one dump at
-start-up) and re-seats TCP entries from the new Master's resync, not from a dump:
-a switchover costs one dump, the new Master's snapshot. `dumps` in status counts them.
+start-up) and re-seats TCP entries from the new Master's resync, not from a dump; the
+Master serves resyncs from its table (statesync.table), which only the first resync of
+its term (or one after an overrun) seeds from a dump: a switchover costs one dump, the
+new Master's first snapshot. `dumps` in status counts them.
 
 Loop prevention: the direction follows the role. Only the Master reads events and
 only the Backup writes entries, so nothing a node injected is ever sent back; no
@@ -54,6 +56,7 @@ from .configsync import frames as config_frames
 from .configsync.node import ConfigSync
 from .ctnetlink import EV_DESTROY, CtSocket, FramedApply, Overrun, is_tcp_key
 from .filter import EntryFilter
+from .table import StateTable
 
 log = logging.getLogger("hasync.sync")
 
@@ -62,6 +65,11 @@ MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel 
 MAX_WAIT_S = 0.2
 SWITCH_INTERVAL_S = 0.0005
 RESEAT_GRACE_S = 1.0  # a former Master asks for the resync that re-seats its entries this late
+# a resync is served from the table (statesync.table) only this long after the dump that
+# seeded it: an entry made before any listener existed has no event extension and dies
+# without a DESTROY, so only a dump drops it from the table; the age bounds how long
+# such ghosts can be replicated
+TABLE_FRESH_S = 600.0
 RELEASE_AFTER_S = 5.0  # a new Master releases its holds this long after the takeover (holdrelease),
 # unless the snapshot a former Master asks for (after RESEAT_GRACE_S) reads the table first
 
@@ -152,6 +160,8 @@ class SyncService:
         self.sender: protocol.Sender | None = None
         self.receiver = protocol.Receiver()
         self.cache: dict[bytes, tuple[int, bytes]] = {}
+        self.table = StateTable()  # Master: each entry's state, for snapshots without a dump
+        self._seeded_at = float("-inf")
         self.poller = zmq.Poller()
         for sock in self.channel.sockets():
             self.poller.register(sock, zmq.POLLIN)
@@ -170,6 +180,7 @@ class SyncService:
         self.errors: Counter = Counter()  # errno name / reason -> count
         self.frames_ignored_role = 0
         self.dumps = 0  # conntrack table dumps done (each stalls a CPU: see the module doc)
+        self.table_snapshots = 0  # resyncs served from the table, without a dump
         self.holds_released = 0  # held entries given their kernel timeout back (holdrelease)
         self._release_at: float | None = None  # when a new Master releases its holds
         self.last_resync: dict[str, Any] | None = None
@@ -215,6 +226,7 @@ class SyncService:
             self.events = CtSocket.events()
             self.poller.register(self.events.fileno(), zmq.POLLIN)
             self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
+            self.table.unseed()  # as Backup we kept no table: the first snapshot dumps
             self.receiver.reset()
             self._unsynced_since = None
             if self.mode == "kernel" and self.cfg.sync.hold_timeout:
@@ -299,6 +311,8 @@ class SyncService:
             "filter": {"ignored": self.filter.ignored, "malformed": self.filter.malformed},
             "frames_ignored_role": self.frames_ignored_role,
             "dumps": self.dumps,
+            "table": {"entries": len(self.table), "seeded": self.table.seeded,
+                      "snapshots": self.table_snapshots, "completed": self.table.completed},
             "held": len(self.receiver.held),
             "holds_released": self.holds_released,
         }
@@ -348,11 +362,12 @@ class SyncService:
         except Overrun:
             self.overruns += 1
             log.warning("conntrack event overrun: resync from a dump")
+            self.table.unseed()
             self._drain_events()
             self._start_resync(now, "event overrun")
             return
         if changes and self.sender is not None:
-            selected = self.filter.select_changes(changes)
+            selected = self.table.on_changes(self.filter.select_changes(changes))
             self._hold_local(selected)
             self.sender.on_changes(selected)
 
@@ -526,11 +541,22 @@ class SyncService:
             if err not in ignore:
                 self.errors[errno_mod.errorcode.get(err, str(err))] += n
 
-    def _snapshot(self) -> Iterator[list[tuple]]:
+    def _snapshot(self, now: float) -> Iterator[list[tuple]]:
+        """Lists of (family, key, attrs, ...): from the table when it is seeded and fresh,
+        else from a dump that seeds it. A takeover's hold release needs the kernel's own
+        timeouts (the table has the old Master's): that snapshot dumps too."""
+        if self.table.seeded and now - self._seeded_at < TABLE_FRESH_S and self._release_at is None:
+            self.table_snapshots += 1
+            return self.table.snapshot()
+        return self._dump_snapshot(now)
+
+    def _dump_snapshot(self, now: float) -> Iterator[list[tuple]]:
         """A dump on its own socket, read lazily as the window lets the snapshot flow: a list
         of (family, key, attrs, ...) per datagram the kernel answers with."""
         sock = CtSocket()
         self.dumps += 1
+        table = self.table
+        table.begin_seed()
         try:
             select = self.filter.select_changes
             held = self.receiver.held
@@ -541,9 +567,12 @@ class SyncService:
                 chosen = select(changes)
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)
                 entries = [c[1:] for c in chosen]
+                table.seed(entries)
                 if ceilings is not None:
                     self.writer.submit(self._release_holds, entries, ceilings)
                 yield entries
+            table.end_seed()
+            self._seeded_at = now
         finally:
             sock.close()
 
@@ -553,7 +582,7 @@ class SyncService:
         log.info("resync: snapshot to the peer (%s)", why)
         self._resync_started = now
         self._snap_base = self.sender.counters.snapshot_records_sent
-        self.sender.start_resync(self._snapshot(), chunked=True)
+        self.sender.start_resync(self._snapshot(now), chunked=True)
 
     def _resync_done(self, now: float, snapshot_sent: int) -> None:
         self.last_resync = {"at": time.time(), "id": self.sender.resync_id,
@@ -570,6 +599,7 @@ class SyncService:
             self._sent_before += self.sender.counters.records_sent
             self.sender = None
         self._resync_started = None
+        self.table.unseed()  # a Backup keeps no table (its memory goes back)
 
     def _send_actions(self, actions: list) -> None:
         for act in actions:

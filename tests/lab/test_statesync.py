@@ -291,9 +291,14 @@ def test_resync_after_backup_restart(synced):
     assert held < started, log[-20:]
     # and an operator resync converges too
     run(lab, "fw2", ["conntrack", "-D", "-p", "tcp", "--dport", "443"])
+    dumps, table = sync_field(lab, "fw1", "dumps"), sync_field(lab, "fw1", "table")
+    assert table["seeded"], table  # by the dump of the resync fw2's restart asked for
     reply = nsctl.ask(lab, "fw1", "resync")
     assert reply.get("ok"), reply
     assert wait_count(lab, "fw2", 30, "-p", "tcp", "--dport", "443", timeout=15) == 30
+    # served from the Master's table (statesync.table), without a dump: a dump stalls a CPU
+    commands.wait_until(lab, lambda _: sync_field(lab, "fw1", "table")["snapshots"] > table["snapshots"], 10)
+    assert sync_field(lab, "fw1", "dumps") == dumps
 
 
 def _failback_and_switchovers(lab) -> None:
@@ -328,6 +333,12 @@ def role_log(lab) -> dict:
     return {fw: [line for line in (lab.node_dir(fw) / "hasync.log").read_text().splitlines()
                  if "->" in line or "resync" in line or "seated" in line or "role" in line]
             for fw in ("fw1", "fw2")}
+
+
+def sync_field(lab, fw: str, name: str):
+    sync = (nsctl.try_status(lab, fw) or {}).get("sync") or {}
+    assert name in sync, (fw, sync)
+    return sync[name]
 
 
 def sync_dumps(lab) -> dict:
