@@ -286,15 +286,19 @@ class HasyncBench:
             "heartbeat": heartbeat,
         }
         row["resync_s"] = self._resync(base + min(n, in_backup))
+        row["resync_dumped"] = self.resync_dumped
         return row
 
     def _resync(self, target: int) -> float | None:
         """Flush fw2's table, ask fw2's daemon for a full snapshot, time until the count is back."""
         self.backup.flush()
         wait_for_count(self.backup_count, 16, 10.0, at_least=False)
+        dumps = sync_status(self.lab, "fw1").get("dumps", 0)
         start = time.monotonic()
         nsctl.ask(self.lab, "fw2", "resync")
         done, _ = wait_for_count(self.backup_count, target, 60.0 + target / 10_000)
+        # served from the Master's table (statesync.table), or from a dump (its first resync)
+        self.resync_dumped = sync_status(self.lab, "fw1").get("dumps", 0) > dumps
         return (done - start) if done else None
 
 
