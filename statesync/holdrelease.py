@@ -86,9 +86,11 @@ def _state_of(proto: int, attrs: bytes, protoinfo: tuple[int, int] | None, statu
     return 0
 
 
-def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings) -> tuple[int, int] | None:
+def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings, held: int | None = None) -> tuple[int, int] | None:
     """(remaining timeout, the kernel's default for the entry's protocol and state), or None
-    if the entry has no timeout or its protocol/state has no known default."""
+    if the entry has no timeout or its protocol/state has no known default. `held`: the
+    timeout the entry was written with, when `attrs` are the record it was written from
+    (a state table's) rather than the kernel's dump."""
     timeout = status = None
     protoinfo = None
     off, end = 0, len(attrs)
@@ -104,6 +106,8 @@ def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings) -> tuple[int, int] 
         elif t == CTA_PROTOINFO:
             protoinfo = (off + 4, off + alen)
         off += (alen + 3) & ~3
+    if held is not None:
+        timeout = held
     if timeout is None:
         return None
     try:
@@ -115,12 +119,13 @@ def ceiling_of(key: bytes, attrs: bytes, ceilings: Ceilings) -> tuple[int, int] 
     return None if ceiling is None else (timeout, ceiling)
 
 
-def releases(entries: Iterable[tuple], ceilings: Ceilings) -> list[tuple[bytes, int]]:
-    """(key, new timeout) for each (family, key, attrs, ...) whose timeout exceeds its default."""
+def releases(entries: Iterable[tuple], ceilings: Ceilings, held: int | None = None) -> list[tuple[bytes, int]]:
+    """(key, new timeout) for each (family, key, attrs, ...) whose timeout exceeds its default
+    (`held`: see ceiling_of)."""
     out = []
     for entry in entries:
         key = entry[1]
-        found = ceiling_of(key, entry[2], ceilings)
+        found = ceiling_of(key, entry[2], ceilings, held)
         if found is not None and found[0] > found[1]:
             out.append((key, found[1]))
     return out

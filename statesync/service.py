@@ -159,8 +159,9 @@ class SyncService:
         self.events: CtSocket | None = None
         self.sender: protocol.Sender | None = None
         self.receiver = protocol.Receiver()
-        self.cache: dict[bytes, tuple[int, bytes]] = {}
-        self.table = StateTable()  # Master: each entry's state, for snapshots without a dump
+        # each entry's state: the Master's, for snapshots without a dump; a Backup's copy of
+        # it, which a takeover adopts (and in mode "cache" commits into the kernel)
+        self.table = StateTable()
         self._seeded_at = float("-inf")
         self.poller = zmq.Poller()
         for sock in self.channel.sockets():
@@ -183,6 +184,7 @@ class SyncService:
         self.table_snapshots = 0  # resyncs served from the table, without a dump
         self.holds_released = 0  # held entries given their kernel timeout back (holdrelease)
         self._release_at: float | None = None  # when a new Master releases its holds
+        self._release_entries: list[tuple] | None = None  # the table's entries at that takeover
         self.last_resync: dict[str, Any] | None = None
         self.last_commit: dict[str, Any] | None = None  # cache mode: the last takeover's commit
         self._resync_started: float | None = None
@@ -220,22 +222,29 @@ class SyncService:
         committed = 0
         self.writer.wait_idle()  # what the old Master sent is in our table before anything else
         if role == "master":
-            if self.mode == "cache" and self.cache:
+            whole = self.receiver.synced  # our copy of the old Master's table is complete
+            if self.mode == "cache" and self.table:
                 committed = self._commit_cache()
             # events after the commit: our own commit is not news for the peer
             self.events = CtSocket.events()
             self.poller.register(self.events.fileno(), zmq.POLLIN)
             self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
-            self.table.unseed()  # as Backup we kept no table: the first snapshot dumps
+            if whole:  # the resyncs that follow (a re-seat, a restart) need no dump
+                self.table.adopt()
+                self._seeded_at = now
+            else:
+                self.table.unseed()  # the first snapshot dumps
             self.receiver.reset()
             self._unsynced_since = None
             if self.mode == "kernel" and self.cfg.sync.hold_timeout:
                 # not at the takeover itself: the dump stalls a CPU (the first snapshot may do it)
                 self._release_at = now + RELEASE_AFTER_S
+                # the entries as we wrote them, each with the hold (unless an event replaces it)
+                self._release_entries = list(self.table.entries.values()) if whole else None
         else:
             was_master = self.role == "master"
             self._stop_master()
-            self._release_at = None
+            self._release_at = self._release_entries = None
             self.receiver.reset()
             self._unsynced_since = now
             if was_master and self.mode == "kernel":
@@ -298,7 +307,7 @@ class SyncService:
             "mode": self.mode,
             "entries_sent": sent,
             "entries_applied": self.entries_applied,
-            "cached": len(self.cache),
+            "cached": len(self.table) if self.mode == "cache" and self.role == "backup" else 0,
             "lag_ms": round(lag * 1000, 1),
             "last_resync": self.last_resync,
             "last_commit": self.last_commit,
@@ -339,8 +348,11 @@ class SyncService:
                 self._resync_done(now, self.sender.counters.snapshot_records_sent)
         if self._release_at is not None and now >= self._release_at:
             self._release_at = None
-            self.dumps += 1
-            self.writer.submit(self._release_holds_from_dump)
+            if self._release_entries is not None:
+                self._release_from_table()
+            else:
+                self.dumps += 1
+                self.writer.submit(self._release_holds_from_dump)
 
     def _wait_ms(self) -> int:
         now = time.monotonic()
@@ -461,12 +473,8 @@ class SyncService:
             return
         if len({r[2] for r in records}) != len(records):
             records = list({r[2]: r for r in records}.values())
+        self.table.on_records(records)
         if self.mode == "cache":
-            for op, family, key, attrs in records:
-                if op == wire.OP_UPSERT:
-                    self.cache[key] = (family, attrs)
-                else:
-                    self.cache.pop(key, None)
             self.entries_applied += len(records)
             return
         upserts = [(r[1], r[3]) for r in records if r[0] == wire.OP_UPSERT]
@@ -490,10 +498,8 @@ class SyncService:
             self._count_errors(res, ignore=(2,))  # ENOENT: already gone (timed out here)
 
     def _purge(self, purge: protocol.Purge) -> None:
+        self.table.remove(purge.stale)  # (the held keys not in the snapshot: a superset of ours)
         if self.mode == "cache":
-            keep = purge.keep
-            for key in [k for k in self.cache if k not in keep]:
-                del self.cache[key]
             return
         # no dump: the receiver knows what we hold (after the writes queued before it)
         self.writer.submit(self._purge_kernel, len(purge.keep), list(purge.stale))
@@ -511,9 +517,22 @@ class SyncService:
         released = self._release_holds(changes, ceilings)
         log.info("takeover: %d held entries given their kernel timeout back", released)
 
-    def _release_holds(self, entries, ceilings: holdrelease.Ceilings) -> int:  # in the writer thread
-        """Cut (family, key, attrs, ...) entries held beyond their kernel default to it."""
-        items = holdrelease.releases(entries, ceilings)
+    def _release_from_table(self) -> None:
+        """The takeover's entries that no event changed since still carry the hold we wrote
+        them with: no dump needed to know their timeouts."""
+        now_entries = self.table.entries
+        unchanged = [e for e in self._release_entries if now_entries.get(e[1]) is e]
+        self._release_entries = None
+        self.writer.submit(self._release_holds_logged, unchanged, self.cfg.sync.hold_timeout)
+
+    def _release_holds_logged(self, entries: list[tuple], held: int) -> None:  # in the writer thread
+        released = self._release_holds(entries, holdrelease.read_ceilings(), held)
+        log.info("takeover: %d held entries given their kernel timeout back", released)
+
+    def _release_holds(self, entries, ceilings: holdrelease.Ceilings, held: int | None = None) -> int:
+        """Cut (family, key, attrs, ...) entries held beyond their kernel default to it (in the
+        writer thread)."""
+        items = holdrelease.releases(entries, ceilings, held)
         if not items:
             return 0
         res = self.ct.set_timeouts(items)
@@ -523,11 +542,10 @@ class SyncService:
 
     def _commit_cache(self) -> int:
         started = time.monotonic()
-        framed = self.ct.frame_apply(list(self.cache.values()))
+        framed = self.ct.frame_apply([(e[0], e[2]) for e in self.table.entries.values()])
         framed_at = time.monotonic()
         res = self.ct.send_framed(framed)
         self._count_errors(res, ignore=())
-        self.cache.clear()
         done = time.monotonic()
         # the takeover waits for this (cache mode): the operator sees what it cost
         self.last_commit = {"at": time.time(), "entries": res.ok, "ms": round((done - started) * 1000, 1),
@@ -543,9 +561,8 @@ class SyncService:
 
     def _snapshot(self, now: float) -> Iterator[list[tuple]]:
         """Lists of (family, key, attrs, ...): from the table when it is seeded and fresh,
-        else from a dump that seeds it. A takeover's hold release needs the kernel's own
-        timeouts (the table has the old Master's): that snapshot dumps too."""
-        if self.table.seeded and now - self._seeded_at < TABLE_FRESH_S and self._release_at is None:
+        else from a dump that seeds it."""
+        if self.table.seeded and now - self._seeded_at < TABLE_FRESH_S:
             self.table_snapshots += 1
             return self.table.snapshot()
         return self._dump_snapshot(now)
@@ -562,7 +579,7 @@ class SyncService:
             held = self.receiver.held
             # a takeover's holds are released from the first snapshot's dump, not one more
             ceilings = holdrelease.read_ceilings() if self._release_at is not None else None
-            self._release_at = None
+            self._release_at = self._release_entries = None
             for changes in sock.dump_batches():
                 chosen = select(changes)
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)

@@ -13,6 +13,10 @@ Two reasons to keep it (conntrackd keeps the same, its "internal cache"):
   update is completed with the attributes it lacks from the entry's last state, and
   the completed record is what is sent.
 
+A Backup keeps the same table from the records it is sent (`on_records`): at takeover it
+is the new Master's table (`adopt`), so the resyncs that follow a switchover need no dump
+either. In cache mode it is the cache that the takeover commits.
+
 Entries are (family, key, attrs, ...) tuples as the snapshot streams them. Pure code.
 """
 
@@ -20,13 +24,14 @@ from __future__ import annotations
 
 from itertools import islice
 from operator import itemgetter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .ctconst import (
     CTA_HELP, CTA_LABELS, CTA_PROTOINFO, CTA_SECCTX, CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY, CTA_SYNPROXY,
     CTA_TUPLE_MASTER, EV_DESTROY, EV_NEW,
 )
 from .ctmsg import MalformedMessage, iter_attrs
+from .wire import OP_DELETE, OP_UPSERT
 
 # top-level attributes an event may leave out while the entry still has them (the kernel
 # puts them in only when their IPCT_* bit is in the event); the rest are always sent or,
@@ -40,6 +45,7 @@ _NEW_ONLY = frozenset({EV_NEW})
 _KIND = itemgetter(0)
 _KEY = itemgetter(2)
 _ENTRY_KEY = itemgetter(1)
+_RECORD_ENTRY = itemgetter(slice(1, None))  # (op, family, key, attrs) -> (family, key, attrs)
 
 
 def complete(old: bytes, new: bytes) -> bytes:
@@ -100,6 +106,30 @@ class StateTable:
         Copied at once: later changes reach the peer live (the Sender skips their keys)."""
         values = iter(list(self.entries.values()))
         return iter(lambda: list(islice(values, SNAPSHOT_CHUNK)), [])
+
+    # ---- a Backup's copy
+
+    def on_records(self, records: list[tuple]) -> None:
+        """Replicated (op, family, key, attrs) records, in order: upserts set, deletes remove."""
+        entries = self.entries
+        if OP_DELETE not in map(_KIND, records):
+            entries.update(zip(map(_KEY, records), map(_RECORD_ENTRY, records)))
+            return
+        for record in records:
+            if record[0] == OP_UPSERT:
+                entries[record[2]] = record[1:]
+            else:
+                entries.pop(record[2], None)
+
+    def remove(self, keys: Iterable[bytes]) -> None:
+        pop = self.entries.pop
+        for key in keys:
+            pop(key, None)
+
+    def adopt(self) -> None:
+        """The copy is whole (the Backup was synced at the takeover): it serves snapshots."""
+        self.seeded = True
+        self._seeding = None
 
     # ---- seeding from a dump
 

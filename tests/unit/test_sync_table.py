@@ -138,3 +138,35 @@ def test_an_unseed_during_a_seed_voids_that_dump():
     table.seed([(socket.AF_INET, ctmsg.key_of(a), a, 0)])
     table.end_seed()
     assert not table.seeded and len(table) == 0
+
+
+def test_a_backup_copy_follows_the_records_it_is_sent():
+    from statesync.wire import OP_DELETE, OP_UPSERT
+
+    _, a = cb.encode_entry(T)
+    _, b = cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80))
+    _, a2 = cb.encode_entry(T, tcp_state=TCP_CONNTRACK_FIN_WAIT)
+    ka, kb = ctmsg.key_of(a), ctmsg.key_of(b)
+    table = StateTable()
+    table.on_records([(OP_UPSERT, socket.AF_INET, ka, a), (OP_UPSERT, socket.AF_INET, kb, b)])
+    assert table.entries == {ka: (socket.AF_INET, ka, a), kb: (socket.AF_INET, kb, b)}
+    table.on_records([(OP_DELETE, socket.AF_INET, kb, b""), (OP_UPSERT, socket.AF_INET, ka, a2)])
+    assert table.entries == {ka: (socket.AF_INET, ka, a2)}
+    table.remove([ka, kb])
+    assert not table.entries and not table.seeded
+    table.adopt()
+    assert table.seeded
+
+
+def test_held_entries_are_released_from_their_records():
+    """Records from a state table carry the old Master's timeouts, the kernel holds the
+    entries at the hold: with `held`, the hold is what is compared."""
+    from statesync import holdrelease
+
+    ceilings = {(6, 3): 432000, (6, 7): 120, (17, 1): 120}
+    rows = [cb.encode_entry(T, timeout=100),  # ESTABLISHED: its default is the hold
+            cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80), timeout=30, tcp_state=7),
+            cb.encode_entry(cb.Tuple(17, "198.18.0.3", "198.19.0.1", 1000, 53), timeout=60)]
+    entries = [(f, ctmsg.key_of(a), a) for f, a in rows]
+    assert holdrelease.releases(entries, ceilings) == []  # their own timeouts are all below
+    assert holdrelease.releases(entries, ceilings, held=432000) == [(entries[1][1], 120), (entries[2][1], 120)]
