@@ -521,7 +521,7 @@ class SyncService:
         """The takeover's entries that no event changed since still carry the hold we wrote
         them with: no dump needed to know their timeouts."""
         now_entries = self.table.entries
-        unchanged = [e for e in self._release_entries if now_entries.get(e[1]) is e]
+        unchanged = [r[1:4] for r in self._release_entries if now_entries.get(r[2]) is r]
         self._release_entries = None
         self.writer.submit(self._release_holds_logged, unchanged, self.cfg.sync.hold_timeout)
 
@@ -542,7 +542,7 @@ class SyncService:
 
     def _commit_cache(self) -> int:
         started = time.monotonic()
-        framed = self.ct.frame_apply([(e[0], e[2]) for e in self.table.entries.values()])
+        framed = self.ct.frame_apply([(r[1], r[3]) for r in self.table.entries.values()])
         framed_at = time.monotonic()
         res = self.ct.send_framed(framed)
         self._count_errors(res, ignore=())
@@ -584,7 +584,7 @@ class SyncService:
                 chosen = select(changes)
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)
                 entries = [c[1:] for c in chosen]
-                table.seed(entries)
+                table.seed(chosen)
                 if ceilings is not None:
                     self.writer.submit(self._release_holds, entries, ceilings)
                 yield entries

@@ -17,7 +17,9 @@ A Backup keeps the same table from the records it is sent (`on_records`): at tak
 is the new Master's table (`adopt`), so the resyncs that follow a switchover need no dump
 either. In cache mode it is the cache that the takeover commits.
 
-Entries are (family, key, attrs, ...) tuples as the snapshot streams them. Pure code.
+Rows are kept as they come, (kind or op, family, key, attrs, ...): an event's change
+tuple, a dump's, a replicated record. Keeping the caller's tuple costs no allocation per
+entry on the burst path; a snapshot cuts (family, key, attrs) from them. Pure code.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ SNAPSHOT_CHUNK = 128  # entries per snapshot chunk: about a dump datagram's wort
 _NEW_ONLY = frozenset({EV_NEW})
 _KIND = itemgetter(0)
 _KEY = itemgetter(2)
-_ENTRY_KEY = itemgetter(1)
-_RECORD_ENTRY = itemgetter(slice(1, None))  # (op, family, key, attrs) -> (family, key, attrs)
+_ENTRY = itemgetter(slice(1, 4))  # a row -> (family, key, attrs), as a snapshot streams it
 
 
 def complete(old: bytes, new: bytes) -> bytes:
@@ -62,13 +63,13 @@ def complete(old: bytes, new: bytes) -> bytes:
 
 
 class StateTable:
-    """key -> (family, key, attrs, ...) for every entry the Master replicates.
+    """key -> (kind, family, key, attrs, ...) for every entry the Master replicates.
 
     `seeded` says the table holds the whole kernel table: until then a resync must dump
     (and seeds the table with `begin_seed`, `seed`, `end_seed`)."""
 
     def __init__(self) -> None:
-        self.entries: dict[bytes, tuple] = {}
+        self.entries: dict[bytes, tuple] = {}  # key -> row
         self.seeded = False
         self.completed = 0  # updates completed from the entry's last state
         self._seeding: set[bytes] | None = None  # keys changed live while a seeding dump runs
@@ -83,7 +84,7 @@ class StateTable:
             self._seeding.update(map(_KEY, changes))
         if set(map(_KIND, changes)) <= _NEW_ONLY:
             # a burst of new entries (a NEW for a key we hold means we missed its destroy)
-            entries.update(zip(map(_KEY, changes), (c[1:] for c in changes)))
+            entries.update(zip(map(_KEY, changes), changes))
             return changes
         out = []
         for change in changes:
@@ -93,19 +94,19 @@ class StateTable:
             else:
                 old = entries.get(key)
                 if old is not None and change[0] != EV_NEW:
-                    attrs = complete(old[2], change[3])
+                    attrs = complete(old[3], change[3])
                     if attrs is not change[3]:
                         change = (*change[:3], attrs, *change[4:])
                         self.completed += 1
-                entries[key] = change[1:]
+                entries[key] = change
             out.append(change)
         return out
 
     def snapshot(self) -> Iterator[list[tuple]]:
         """The table as it is now, in chunks of entries (Sender.start_resync(chunked=True)).
         Copied at once: later changes reach the peer live (the Sender skips their keys)."""
-        values = iter(list(self.entries.values()))
-        return iter(lambda: list(islice(values, SNAPSHOT_CHUNK)), [])
+        rows = iter(list(self.entries.values()))
+        return iter(lambda: list(map(_ENTRY, islice(rows, SNAPSHOT_CHUNK))), [])
 
     # ---- a Backup's copy
 
@@ -113,11 +114,11 @@ class StateTable:
         """Replicated (op, family, key, attrs) records, in order: upserts set, deletes remove."""
         entries = self.entries
         if OP_DELETE not in map(_KIND, records):
-            entries.update(zip(map(_KEY, records), map(_RECORD_ENTRY, records)))
+            entries.update(zip(map(_KEY, records), records))
             return
         for record in records:
             if record[0] == OP_UPSERT:
-                entries[record[2]] = record[1:]
+                entries[record[2]] = record
             else:
                 entries.pop(record[2], None)
 
@@ -138,15 +139,15 @@ class StateTable:
         self.seeded = False
         self._seeding = set()
 
-    def seed(self, entries: list[tuple]) -> None:
-        """Dumped (family, key, attrs, ...) entries; a key changed live since begin_seed keeps
-        its live state (the dump's may be older)."""
+    def seed(self, changes: list[tuple]) -> None:
+        """Dumped (kind, family, key, attrs, ...) changes; a key changed live since begin_seed
+        keeps its live state (the dump's may be older)."""
         touched = self._seeding
         if touched is None:
             return  # unseeded since (an overrun): this dump no longer counts
         if touched:
-            entries = [e for e in entries if e[1] not in touched]
-        self.entries.update(zip(map(_ENTRY_KEY, entries), entries))
+            changes = [c for c in changes if c[2] not in touched]
+        self.entries.update(zip(map(_KEY, changes), changes))
 
     def end_seed(self) -> None:
         if self._seeding is not None:

@@ -26,7 +26,7 @@ def test_a_mark_only_update_keeps_the_tcp_state():
     got = ctmsg.decode_entry(socket.AF_INET, out[0][3])
     assert got["mark"] == 7
     assert got["protoinfo"]["tcp"]["state"] == ctmsg.decode_entry(socket.AF_INET, new)["protoinfo"]["tcp"]["state"]
-    assert table.entries[ctmsg.key_of(new)][2] == out[0][3]
+    assert table.entries[ctmsg.key_of(new)][3] == out[0][3]
     assert out[0][4] == 0 and table.completed == 1
 
 
@@ -95,7 +95,7 @@ def test_table_matches_a_model_of_the_kernel(script, batch):
         sent += table.on_changes(changes[i:i + batch])
     assert [c[2] for c in sent] == [c[2] for c in changes]
     got = {}
-    for _family, key, attrs, *_ in table.entries.values():
+    for _kind, _family, key, attrs, *_ in table.entries.values():
         d = ctmsg.decode_entry(socket.AF_INET, attrs)
         got[d["orig"]["sport"] - 1000] = (d.get("mark"), d["protoinfo"]["tcp"]["state"])
     assert got == model
@@ -110,7 +110,7 @@ def test_snapshot_is_the_table_at_the_call_in_chunks():
     chunks = list(snap)
     assert [len(c) for c in chunks] == [SNAPSHOT_CHUNK, SNAPSHOT_CHUNK, 300 - 2 * SNAPSHOT_CHUNK]
     assert {e[1] for c in chunks for e in c} == {ctmsg.key_of(a) for _, a in news}
-    assert all(e[2] is table.entries.get(e[1], e)[2] for c in chunks for e in c)
+    assert all(len(e) == 3 and e[2] is table.entries.get(e[1], (0, 0, 0, e[2]))[3] for c in chunks for e in c)
 
 
 def test_seeding_keeps_live_changes_over_the_dump():
@@ -118,16 +118,16 @@ def test_seeding_keeps_live_changes_over_the_dump():
     _, b = cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80))
     _, a_fin = cb.encode_entry(T, tcp_state=TCP_CONNTRACK_FIN_WAIT)
     table = StateTable()
-    table.on_changes([change(EV_NEW, ctmsg.key_of(b) and b)])  # from before: the seed replaces all
+    table.on_changes([change(EV_NEW, b)])  # from before: the seed replaces all
     table.begin_seed()
     assert not table.seeded and len(table) == 0
     table.on_changes([change(EV_UPDATE, a_fin)])  # live, newer than the dump's copy of a
     table.on_changes([change(EV_DESTROY, b)])  # gone live: the dump's copy is stale
-    table.seed([(socket.AF_INET, ctmsg.key_of(a), a, 0), (socket.AF_INET, ctmsg.key_of(b), b, 0)])
+    table.seed([change(EV_NEW, a), change(EV_NEW, b)])
     table.end_seed()
     assert table.seeded
     assert list(table.entries) == [ctmsg.key_of(a)]
-    assert table.entries[ctmsg.key_of(a)][2] == a_fin
+    assert table.entries[ctmsg.key_of(a)][3] == a_fin
 
 
 def test_an_unseed_during_a_seed_voids_that_dump():
@@ -135,7 +135,7 @@ def test_an_unseed_during_a_seed_voids_that_dump():
     table = StateTable()
     table.begin_seed()
     table.unseed()
-    table.seed([(socket.AF_INET, ctmsg.key_of(a), a, 0)])
+    table.seed([change(EV_NEW, a)])
     table.end_seed()
     assert not table.seeded and len(table) == 0
 
@@ -149,9 +149,10 @@ def test_a_backup_copy_follows_the_records_it_is_sent():
     ka, kb = ctmsg.key_of(a), ctmsg.key_of(b)
     table = StateTable()
     table.on_records([(OP_UPSERT, socket.AF_INET, ka, a), (OP_UPSERT, socket.AF_INET, kb, b)])
-    assert table.entries == {ka: (socket.AF_INET, ka, a), kb: (socket.AF_INET, kb, b)}
+    assert table.entries == {ka: (OP_UPSERT, socket.AF_INET, ka, a), kb: (OP_UPSERT, socket.AF_INET, kb, b)}
     table.on_records([(OP_DELETE, socket.AF_INET, kb, b""), (OP_UPSERT, socket.AF_INET, ka, a2)])
-    assert table.entries == {ka: (socket.AF_INET, ka, a2)}
+    assert table.entries == {ka: (OP_UPSERT, socket.AF_INET, ka, a2)}
+    assert list(table.snapshot()) == [[(socket.AF_INET, ka, a2)]]
     table.remove([ka, kb])
     assert not table.entries and not table.seeded
     table.adopt()
