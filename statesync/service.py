@@ -12,9 +12,10 @@ whole hash, shared by all namespaces, in one recv() and stalls a CPU for ~15 ms 
 non-preemptible kernel, which the failover daemons' 5 ms heartbeats notice. So the
 Backup purges from the keys it knows it holds (Receiver.held, seeded by one dump at
 start-up) and re-seats TCP entries from the new Master's resync, not from a dump; the
-Master serves resyncs from its table (statesync.table), which only the first resync of
-its term (or one after an overrun) seeds from a dump: a switchover costs one dump, the
-new Master's first snapshot. `dumps` in status counts them.
+Master serves resyncs from its table (statesync.table). A Backup keeps a copy of that
+table and adopts it at takeover when it was in sync, so a switchover costs no dump; a
+term without a whole copy dumps for its first resync (seeding the table), and so does a
+resync after an overrun. `dumps` in status counts them.
 
 Loop prevention: the direction follows the role. Only the Master reads events and
 only the Backup writes entries, so nothing a node injected is ever sent back; no
@@ -70,8 +71,9 @@ RESEAT_GRACE_S = 1.0  # a former Master asks for the resync that re-seats its en
 # without a DESTROY, so only a dump drops it from the table; the age bounds how long
 # such ghosts can be replicated
 TABLE_FRESH_S = 600.0
-RELEASE_AFTER_S = 5.0  # a new Master releases its holds this long after the takeover (holdrelease),
-# unless the snapshot a former Master asks for (after RESEAT_GRACE_S) reads the table first
+RELEASE_AFTER_S = 5.0  # a new Master releases its holds this long after the takeover (holdrelease):
+# from its copy of the table, or, without a whole copy, from the first snapshot's dump if that
+# comes sooner
 
 
 class KernelWriter:
@@ -559,13 +561,13 @@ class SyncService:
             if err not in ignore:
                 self.errors[errno_mod.errorcode.get(err, str(err))] += n
 
-    def _snapshot(self, now: float) -> Iterator[list[tuple]]:
+    def _snapshot(self, now: float) -> tuple[str, Iterator[list[tuple]]]:
         """Lists of (family, key, attrs, ...): from the table when it is seeded and fresh,
-        else from a dump that seeds it."""
+        else from a dump that seeds it (and which of the two)."""
         if self.table.seeded and now - self._seeded_at < TABLE_FRESH_S:
             self.table_snapshots += 1
-            return self.table.snapshot()
-        return self._dump_snapshot(now)
+            return "the table", self.table.snapshot()
+        return "a dump", self._dump_snapshot(now)
 
     def _dump_snapshot(self, now: float) -> Iterator[list[tuple]]:
         """A dump on its own socket, read lazily as the window lets the snapshot flow: a list
@@ -596,10 +598,11 @@ class SyncService:
     def _start_resync(self, now: float, why: str) -> None:
         if self.sender is None:
             return
-        log.info("resync: snapshot to the peer (%s)", why)
+        source, snapshot = self._snapshot(now)
+        log.info("resync: snapshot to the peer (%s) from %s", why, source)
         self._resync_started = now
         self._snap_base = self.sender.counters.snapshot_records_sent
-        self.sender.start_resync(self._snapshot(now), chunked=True)
+        self.sender.start_resync(snapshot, chunked=True)
 
     def _resync_done(self, now: float, snapshot_sent: int) -> None:
         self.last_resync = {"at": time.time(), "id": self.sender.resync_id,
