@@ -285,12 +285,12 @@ class HasyncBench:
             "mem_total_per_entry": sum(rss1.values()) / n,
             "heartbeat": heartbeat,
         }
-        row["resync_s"] = self._resync(base + min(n, in_backup))
-        row["resync_dumped"] = self.resync_dumped
+        row["resync_s"], row["resync_dumped"] = self._resync(base + min(n, in_backup))
         return row
 
-    def _resync(self, target: int) -> float | None:
-        """Flush fw2's table, ask fw2's daemon for a full snapshot, time until the count is back."""
+    def _resync(self, target: int) -> tuple[float | None, bool]:
+        """Flush fw2's table, ask fw2's daemon for a full snapshot, time until the count is back
+        (and whether fw1 dumped for it)."""
         self.backup.flush()
         wait_for_count(self.backup_count, 16, 10.0, at_least=False)
         dumps = sync_status(self.lab, "fw1").get("dumps", 0)
@@ -298,8 +298,8 @@ class HasyncBench:
         nsctl.ask(self.lab, "fw2", "resync")
         done, _ = wait_for_count(self.backup_count, target, 60.0 + target / 10_000)
         # served from the Master's table (statesync.table), or from a dump (its first resync)
-        self.resync_dumped = sync_status(self.lab, "fw1").get("dumps", 0) > dumps
-        return (done - start) if done else None
+        dumped = sync_status(self.lab, "fw1").get("dumps", 0) > dumps
+        return ((done - start) if done else None), dumped
 
 
 # --- the run -----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import time
 import uuid
 from collections import Counter
 from operator import itemgetter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import zmq
 
@@ -513,11 +513,8 @@ class SyncService:
         log.info("resync complete: %d entries, %d stale ones purged", kept, len(stale))
 
     def _release_holds_from_dump(self) -> None:  # in the writer thread
-        ceilings = holdrelease.read_ceilings()
         accepts = self.filter.accepts
-        changes = (c[1:] for c in self.ct.dump_changes() if accepts(c[2]))
-        released = self._release_holds(changes, ceilings)
-        log.info("takeover: %d held entries given their kernel timeout back", released)
+        self._release_holds_logged((c[1:] for c in self.ct.dump_changes() if accepts(c[2])))
 
     def _release_from_table(self) -> None:
         """The takeover's entries that no event changed since still carry the hold we wrote
@@ -527,7 +524,8 @@ class SyncService:
         self._release_entries = None
         self.writer.submit(self._release_holds_logged, unchanged, self.cfg.sync.hold_timeout)
 
-    def _release_holds_logged(self, entries: list[tuple], held: int) -> None:  # in the writer thread
+    def _release_holds_logged(self, entries: Iterable[tuple], held: int | None = None) -> None:
+        # in the writer thread
         released = self._release_holds(entries, holdrelease.read_ceilings(), held)
         log.info("takeover: %d held entries given their kernel timeout back", released)
 

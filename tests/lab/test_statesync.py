@@ -344,12 +344,7 @@ def sync_field(lab, fw: str, name: str):
 
 def sync_dumps(lab) -> dict:
     """Conntrack dumps each node's sync service did so far."""
-    out = {}
-    for fw in ("fw1", "fw2"):
-        sync = (nsctl.try_status(lab, fw) or {}).get("sync") or {}
-        assert "dumps" in sync, (fw, sync)
-        out[fw] = sync["dumps"]
-    return out
+    return {fw: sync_field(lab, fw, "dumps") for fw in ("fw1", "fw2")}
 
 
 def test_sessions_survive_failback_and_switchovers(synced):
