@@ -19,7 +19,9 @@ go (fault, disable, shutdown, switchover) says so in its advert (RESIGN) and the
 Backup takes over at once instead of waiting for the dead timer.
 
 Leadership between two live nodes is one function both sides compute alike
-(`_leader`): a node that yielded (after a switchover) does not lead; then a node whose
+(`_leader`): a node that yielded (after a switchover) does not lead, even once it took
+over from a peer that only went quiet for a moment (until it hears the peer below
+it); then a node whose
 conntrack table is in sync beats one whose is not; then the higher priority, then the
 lower hostname.
 """
@@ -168,7 +170,9 @@ class FailoverMachine:
                 cause = "peer lost" if self.peer.last_seen or self.state == BACKUP else "no peer seen"
                 if self.peer.stopped:
                     cause = "peer stopped"
-                out += self._enter(MASTER, cause, now)
+                # silence may be a stall, not a death: if the peer is heard as Master again,
+                # an operator's switchover to it must win over our priority
+                out += self._enter(MASTER, cause, now, keep_yield=cause == "peer lost")
         if now >= self._preempt_at:
             self._preempt_at = NEVER
             if self.state == BACKUP and self.peer.state == MASTER:
@@ -267,6 +271,10 @@ class FailoverMachine:
         if state in (DISABLED, FAULT, STOPPED):
             return []
         peer_resigning = peer.state == MASTER and bool(peer.flags & wire.FLAG_RESIGN)
+        if state == MASTER and peer.state in (BACKUP, INIT) and not self.resigning:
+            # a yield kept through a peer-lost takeover: the peer came back below us, so
+            # there are no two Masters left to settle
+            self.yielded = False
         if state == MASTER:
             if peer.state == MASTER and not peer_resigning:
                 if self.stopping:
@@ -336,7 +344,7 @@ class FailoverMachine:
         self.last_switchover_error = "the peer did not take over in time"
         return []
 
-    def _enter(self, new: str, cause: str, now: float) -> list[Action]:
+    def _enter(self, new: str, cause: str, now: float, keep_yield: bool = False) -> list[Action]:
         old = self.state
         if new == old:
             return []
@@ -346,7 +354,7 @@ class FailoverMachine:
         was_resigning, self.resigning = self.resigning, False
         out: list[Action] = []
         if new == MASTER:
-            self.yielded = False
+            self.yielded = self.yielded and keep_yield
             self.takeover_requested = False
             self._schedule_garp(now)
             out += [Transition(old, new, cause), AddFloatingIPs(), Announce(), SendAdvert()]

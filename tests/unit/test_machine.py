@@ -260,6 +260,50 @@ def test_switchover_hands_over_and_sticks():
     assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}  # no preemption back
 
 
+def test_a_switchover_survives_a_moment_of_silence_from_the_new_master():
+    """The new Master goes quiet for longer than the dead time (a stalled machine, seen in
+    CI 40 ms after a switchover): the old one takes over, and when both are heard as Master
+    the operator's choice stands, whatever the priorities."""
+    sim = PairSim()
+    sim.run_until(0.2)
+    ok, _, actions = sim.nodes["fw1"].machine.switchover(sim.now)
+    assert ok
+    sim._apply(sim.nodes["fw1"], actions)
+    sim.run_until(sim.now + 0.01)
+    assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}
+    sim.cut.update({0, 1, 2})
+    sim.run_until(sim.now + 0.05)
+    assert sim.states() == {"fw1": MASTER, "fw2": MASTER}
+    assert sim.nodes["fw1"].transitions[-1].cause == "peer lost"
+    sim.cut.clear()
+    sim.run_until(sim.now + 0.05)
+    assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}
+    sim.run_until(sim.now + 1.0)
+    assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}  # and no preemption back
+
+
+def test_after_a_real_loss_the_yield_ends_once_the_peer_is_heard_as_backup():
+    """The yield kept through a peer-lost takeover only settles a meeting of two Masters: a
+    peer that comes back as Backup ends it, so a later split heals by priority again."""
+    sim = PairSim()
+    sim.run_until(0.2)
+    ok, _, actions = sim.nodes["fw1"].machine.switchover(sim.now)
+    sim._apply(sim.nodes["fw1"], actions)
+    sim.run_until(sim.now + 0.01)
+    sim.crash("fw2")
+    sim.run_until(sim.now + 0.1)
+    assert sim.nodes["fw1"].machine.state == MASTER and sim.nodes["fw1"].machine.yielded
+    sim.restart("fw2")
+    sim.run_until(sim.now + 0.3)
+    assert sim.states() == {"fw1": MASTER, "fw2": BACKUP}
+    assert not sim.nodes["fw1"].machine.yielded
+    sim.cut.update({0, 1, 2})
+    sim.run_until(sim.now + 0.1)
+    sim.cut.clear()
+    sim.run_until(sim.now + 0.1)
+    assert sim.states() == {"fw1": MASTER, "fw2": BACKUP}
+
+
 def test_switchover_requested_from_backup():
     sim = PairSim()
     sim.run_until(0.2)
