@@ -230,6 +230,9 @@ class FailoverService:
             return
         self.stalls += 1
         self.longest_stall = max(self.longest_stall, late)
+        if late > r.machine.timing.dead_interval / 2:  # enough to matter: say so in the log
+            log.warning("this node was not running for %.1f ms (the heartbeat loop woke late)",
+                        late * 1000)
         r.machine.on_stall(late, time.monotonic())
         dispatch_ready(self.sel.select(0))
 
@@ -373,7 +376,11 @@ class FailoverService:
         m = r.machine
         now = time.monotonic()
         if r.last_send:  # how late this loop runs: tells a starved node from a lossy path
-            r.max_send_gap = max(r.max_send_gap, now - r.last_send)
+            gap = now - r.last_send
+            r.max_send_gap = max(r.max_send_gap, gap)
+            if gap > m.timing.dead_interval:  # the peer may have declared us lost meanwhile
+                log.warning("no heartbeat sent for %.1f ms (dead time %.1f ms)",
+                            gap * 1000, m.timing.dead_interval * 1000)
         r.last_send = now
         key_id = self.cfg.auth_key_id
         key = self.cfg.auth_keys[key_id]

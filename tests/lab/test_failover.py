@@ -254,6 +254,33 @@ def test_switchover_both_ways_without_flapping(steady):
     wait_states(lab, STEADY)
 
 
+def test_a_switchover_stands_when_the_new_master_stalls_for_a_moment(steady):
+    """The new Master stops running for longer than the dead time (SIGSTOP; seen in CI as a
+    40 ms gap right after a switchover): the old one takes over, and once both are heard
+    as Master the operator's switchover stands, not the priorities."""
+    lab = steady
+    assert nsctl.ask(lab, "fw1", "switchover")["ok"]
+    wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
+    pid = lab.pids["fw2"]
+    os.kill(pid, signal.SIGSTOP)  # the daemon alone: its hook runner threads stop with it
+    try:
+        deadline = time.monotonic() + 5
+        while (nsctl.try_status(lab, "fw1") or {}).get("state") != "MASTER":
+            assert time.monotonic() < deadline, "fw1 never noticed the silence"
+            time.sleep(0.01)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
+    time.sleep(0.5)
+    assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}
+    assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw2"], "203.0.113.1/24": ["fw2"]}
+    # the stalled node says why in its log: the next such failure is diagnosed from it
+    log_text = (lab.node_dir("fw2") / "hasync.log").read_text()
+    assert "the heartbeat loop woke late" in log_text and "no heartbeat sent for" in log_text
+    assert nsctl.ask(lab, "fw1", "switchover")["ok"]  # asked from the Backup: back to steady
+    wait_states(lab, STEADY)
+
+
 def test_switchover_refused_when_peer_cannot_take_over(steady):
     lab = steady
     faults.fail(lab, "fw2", "wan1")
