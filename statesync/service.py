@@ -584,7 +584,9 @@ class SyncService:
                 chosen = select(changes)
                 held.update([c[2] for c in chosen])  # what we send, we hold (see _hold_local)
                 entries = [c[1:] for c in chosen]
-                table.seed(chosen)
+                repaired = table.seed(chosen)
+                if repaired and self.sender is not None:
+                    self.sender.on_changes(repaired)  # live updates sent partial, now whole
                 if ceilings is not None:
                     self.writer.submit(self._release_holds, entries, ceilings)
                 yield entries

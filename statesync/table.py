@@ -139,15 +139,38 @@ class StateTable:
         self.seeded = False
         self._seeding = set()
 
-    def seed(self, changes: list[tuple]) -> None:
+    def seed(self, changes: list[tuple]) -> list[tuple]:
         """Dumped (kind, family, key, attrs, ...) changes; a key changed live since begin_seed
-        keeps its live state (the dump's may be older)."""
+        keeps its live state (the dump's may be older).
+
+        A live update that came before the dump reached its key found no row to complete it
+        from (begin_seed emptied the table), so it went out as the kernel sent it, perhaps
+        without the TCP state. The dump's row completes it now: what the live update left
+        out did not change in it. Returns those completed live rows, to be sent again (the
+        peer may have created the entry from the partial one, and the snapshot skips keys
+        that changed live)."""
         touched = self._seeding
         if touched is None:
-            return  # unseeded since (an overrun): this dump no longer counts
+            return []  # unseeded since (an overrun): this dump no longer counts
+        repaired: list[tuple] = []
         if touched:
-            changes = [c for c in changes if c[2] not in touched]
+            entries = self.entries
+            fresh = []
+            for c in changes:
+                if c[2] not in touched:
+                    fresh.append(c)
+                    continue
+                live = entries.get(c[2])  # None: destroyed live, the dump's row is stale
+                if live is not None and live[0] != EV_NEW:
+                    attrs = complete(c[3], live[3])
+                    if attrs is not live[3]:
+                        live = (*live[:3], attrs, *live[4:])
+                        entries[c[2]] = live
+                        repaired.append(live)
+            changes = fresh
+            self.completed += len(repaired)
         self.entries.update(zip(map(_KEY, changes), changes))
+        return repaired
 
     def end_seed(self) -> None:
         if self._seeding is not None:

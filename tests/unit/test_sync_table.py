@@ -130,6 +130,39 @@ def test_seeding_keeps_live_changes_over_the_dump():
     assert table.entries[ctmsg.key_of(a)][3] == a_fin
 
 
+def test_a_partial_live_update_during_seeding_is_completed_from_the_dump():
+    """A mark-only update that came before the dump reached its key had nothing to be
+    completed from: the dump's row completes it, and seed returns it to be sent again."""
+    _, a = cb.encode_entry(T)  # ESTABLISHED, with protoinfo (what the dump reads)
+    _, mark_only = cb.encode_entry(T, mark=7, tcp_state=None)
+    _, b = cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80))
+    _, b_mark = cb.encode_entry(cb.Tuple(6, "198.18.0.2", "198.19.0.1", 1000, 80), mark=3,
+                                tcp_state=None)
+    table = StateTable()
+    table.begin_seed()
+    sent = table.on_changes([change(EV_UPDATE, mark_only), change(EV_UPDATE, b_mark)])
+    assert "protoinfo" not in ctmsg.decode_entry(socket.AF_INET, sent[0][3])  # nothing to complete from
+    table.on_changes([change(EV_DESTROY, b_mark)])  # b is gone live: the dump must not revive it
+    repaired = table.seed([change(EV_NEW, a), change(EV_NEW, b)])
+    table.end_seed()
+    assert [r[2] for r in repaired] == [ctmsg.key_of(a)]
+    got = ctmsg.decode_entry(socket.AF_INET, table.entries[ctmsg.key_of(a)][3])
+    assert got["mark"] == 7  # the live update's news stays
+    assert got["protoinfo"]["tcp"]["state"] == ctmsg.decode_entry(socket.AF_INET, a)["protoinfo"]["tcp"]["state"]
+    assert repaired[0] == table.entries[ctmsg.key_of(a)] and repaired[0][0] == EV_UPDATE
+    assert list(table.entries) == [ctmsg.key_of(a)] and table.completed == 1
+
+
+def test_a_whole_live_entry_during_seeding_is_not_sent_again():
+    _, a = cb.encode_entry(T)
+    _, a_fin = cb.encode_entry(T, tcp_state=TCP_CONNTRACK_FIN_WAIT)
+    table = StateTable()
+    table.begin_seed()
+    table.on_changes([change(EV_UPDATE, a_fin)])  # has its own protoinfo
+    assert table.seed([change(EV_NEW, a)]) == []
+    assert table.entries[ctmsg.key_of(a)][3] == a_fin
+
+
 def test_an_unseed_during_a_seed_voids_that_dump():
     _, a = cb.encode_entry(T)
     table = StateTable()
