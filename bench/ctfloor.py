@@ -10,7 +10,10 @@ per send) go into namespace a's table, a run each:
 - **listener elsewhere** — a ctnetlink event socket is open in namespace b, as the Master's
   sync service is in fw1 while the Backup writes into fw2. Kernel 6.18 tracks event listeners
   for all namespaces at once, so every insert in a then carries the event extension and goes
-  through the event path although nothing in a listens.
+  through the event path although nothing in a listens;
+- **listener elsewhere, 2 writers** — the same, the requests split between two sockets sent
+  from two threads: would a Backup with two kernel writers insert faster? (ctnetlink runs a
+  create under the subsystem's mutex, so the answer is the kernel's, measured.)
 
 The table is flushed between runs; medians over the runs. bench/sync.py makes room for
 large N in the same way (nf_conntrack_max and the hash, put back afterwards).
@@ -22,6 +25,7 @@ import argparse
 import secrets
 import statistics
 import subprocess
+import threading
 import time
 
 from bench._table import Column, emit_json, progress, ratio, render
@@ -37,7 +41,25 @@ COLUMNS = [
     Column("failed", "failed", "{:,}"),
     Column("slowdown", "vs no listener", "{:.2f}"),
 ]
-CASES = ("no listener", "listener elsewhere")
+CASES = ("no listener", "listener elsewhere", "listener elsewhere, 2 writers")
+
+
+def inject_two_writers(a: CtSocket, b: CtSocket, burst: PreparedBurst) -> tuple[float, float, int]:
+    """The burst's chunks alternately over two sockets, each sent from a thread of its own
+    (send() releases the GIL: the kernel work of both can run at once, if the kernel lets it)."""
+    failed = [0, 0]
+
+    def send(i: int, sock: CtSocket) -> None:
+        for data, count in burst.chunks[i::2]:
+            failed[i] += sock.send_prepared(data, count).failed
+
+    threads = [threading.Thread(target=send, args=(i, s)) for i, s in enumerate((a, b))]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return start, time.monotonic(), sum(failed)
 
 
 def measure(entries: int, runs: int, say) -> list[dict]:
@@ -53,12 +75,16 @@ def measure(entries: int, runs: int, say) -> list[dict]:
             times: dict[str, list[float]] = {case: [] for case in CASES}
             failed = dict.fromkeys(CASES, 0)
             writer = CtSocket.open_in(writer_ns)
+            second = CtSocket.open_in(writer_ns)
             try:
                 for run in range(runs):
                     for case in CASES:  # side by side in each run: the machine drifts
                         listener = CtSocket.open_in(listener_ns, events=True) if case != CASES[0] else None
                         try:
-                            start, end, bad = inject(writer, burst)
+                            if case == CASES[2]:
+                                start, end, bad = inject_two_writers(writer, second, burst)
+                            else:
+                                start, end, bad = inject(writer, burst)
                         finally:
                             if listener is not None:
                                 listener.close()
@@ -69,6 +95,7 @@ def measure(entries: int, runs: int, say) -> list[dict]:
                         time.sleep(0.5)
             finally:
                 writer.close()
+                second.close()
     finally:
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], check=False)
