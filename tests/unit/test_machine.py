@@ -260,10 +260,8 @@ def test_switchover_hands_over_and_sticks():
     assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}  # no preemption back
 
 
-def test_a_switchover_survives_a_moment_of_silence_from_the_new_master():
-    """The new Master goes quiet for longer than the dead time (a stalled machine, seen in
-    CI 40 ms after a switchover): the old one takes over, and when both are heard as Master
-    the operator's choice stands, whatever the priorities."""
+def switched_over_to_fw2() -> PairSim:
+    """A settled pair after the operator handed the Master role from fw1 to fw2."""
     sim = PairSim()
     sim.run_until(0.2)
     ok, _, actions = sim.nodes["fw1"].machine.switchover(sim.now)
@@ -271,6 +269,14 @@ def test_a_switchover_survives_a_moment_of_silence_from_the_new_master():
     sim._apply(sim.nodes["fw1"], actions)
     sim.run_until(sim.now + 0.01)
     assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}
+    return sim
+
+
+def test_a_switchover_survives_a_moment_of_silence_from_the_new_master():
+    """The new Master goes quiet for longer than the dead time (a stalled machine, seen in
+    CI 40 ms after a switchover): the old one takes over, and when both are heard as Master
+    the operator's choice stands, whatever the priorities."""
+    sim = switched_over_to_fw2()
     sim.cut.update({0, 1, 2})
     sim.run_until(sim.now + 0.05)
     assert sim.states() == {"fw1": MASTER, "fw2": MASTER}
@@ -285,11 +291,7 @@ def test_a_switchover_survives_a_moment_of_silence_from_the_new_master():
 def test_after_a_real_loss_the_yield_ends_once_the_peer_is_heard_as_backup():
     """The yield kept through a peer-lost takeover only settles a meeting of two Masters: a
     peer that comes back as Backup ends it, so a later split heals by priority again."""
-    sim = PairSim()
-    sim.run_until(0.2)
-    ok, _, actions = sim.nodes["fw1"].machine.switchover(sim.now)
-    sim._apply(sim.nodes["fw1"], actions)
-    sim.run_until(sim.now + 0.01)
+    sim = switched_over_to_fw2()
     sim.crash("fw2")
     sim.run_until(sim.now + 0.1)
     assert sim.nodes["fw1"].machine.state == MASTER and sim.nodes["fw1"].machine.yielded
