@@ -7,6 +7,9 @@ comes later. A Backup on its own machine has no listener (only a Master reads ev
 so every entry it writes would be mute after a takeover, and entries made while the
 sync service restarts would be mute for good. 1 ("always") closes both holes; the
 extension is allocated anyway whenever a listener exists, so it costs nothing new.
+
+The table's size as the kernel counts it is read here too (`table_count`): a cheap check
+that a Backup's copy of the table is not ahead of its kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 log = logging.getLogger("hasync.sync")
 
 EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+COUNT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_count"  # this namespace's entries
 ALWAYS = 1
 
 
@@ -37,3 +41,12 @@ def ensure_events(path: str = EVENTS_SYSCTL) -> str | None:
                 "made while no event listener runs will not replicate their updates and destroys")
     log.info("nf_conntrack_events %d -> 1: every entry reports its updates and destroy", before)
     return None
+
+
+def table_count(path: str = COUNT_SYSCTL) -> int | None:
+    """How many entries this namespace's conntrack table holds; None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None

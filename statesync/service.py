@@ -225,6 +225,8 @@ class SyncService:
         self.writer.wait_idle()  # what the old Master sent is in our table before anything else
         if role == "master":
             whole = self.receiver.synced  # our copy of the old Master's table is complete
+            if whole and self.mode == "kernel":
+                whole = self._kernel_holds_copy()
             if self.mode == "cache" and self.table:
                 committed = self._commit_cache()
             # events after the commit: our own commit is not news for the peer
@@ -264,6 +266,18 @@ class SyncService:
         log.info("role: %s%s", role, f" (committed {committed} cached entries in "
                                      f"{self.last_commit['ms']} ms)" if committed else "")
         return {"role": role, "committed": committed}
+
+    def _kernel_holds_copy(self) -> bool:
+        """Is our kernel at least as big as our copy of the table? Entries flushed here
+        (`conntrack -F`) or refused by this kernel stay in the copy, and a copy adopted with
+        them would serve ghosts to the next Backup, which would hold them for hours. More
+        entries in the kernel than in the copy is normal (our own local flows)."""
+        count = ctsysctl.table_count()
+        if count is not None and count >= len(self.table):
+            return True
+        log.warning("takeover: the kernel holds %s entries, fewer than the %d in our copy of the "
+                    "table: the copy is not adopted, the first resync dumps", count, len(self.table))
+        return False
 
     def _handle_control(self, req: dict[str, Any]) -> dict[str, Any]:
         # `hasync resync --config-only` arrives as resync with config=True: config sync's

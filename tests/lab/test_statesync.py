@@ -429,6 +429,33 @@ def switchover_to_peer(lab, fw: str, expected: dict, timeout: float = 20.0) -> N
     commands.wait_until(lab, lambda s: s == expected, 10)
 
 
+def test_a_copy_ahead_of_its_kernel_is_not_adopted_at_takeover(synced):
+    """The Backup's kernel is flushed behind its sync service's back (`conntrack -F`): its
+    copy of the table still lists the entries. At the takeover it must not serve that copy
+    (the next Backup would hold ghosts for hours); its first resync dumps instead."""
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    wait_backup_synced(lab, "fw2")
+    for i in range(60):
+        run(lab, "fw1", ["conntrack", "-I", "-p", "tcp", "-s", "198.18.0.2", "-d", "198.19.0.2",
+                         "--sport", str(21000 + i), "--dport", "8443", "--state", "ESTABLISHED",
+                         "-t", "600", "-u", "SEEN_REPLY,ASSURED"])
+    assert wait_count(lab, "fw2", 60, "-p", "tcp", "--dport", "8443") == 60
+    run(lab, "fw2", ["conntrack", "-F"], check=False)
+    dumps = sync_field(lab, "fw2", "dumps")
+    switchover_to_peer(lab, "fw1", {"fw1": "BACKUP", "fw2": "MASTER"})
+    try:
+        wait_backup_synced(lab, "fw1")
+        log = (lab.node_dir("fw2") / "hasync.log").read_text()
+        assert "the copy is not adopted" in log, role_log(lab)
+        assert sync_field(lab, "fw2", "dumps") == dumps + 1, role_log(lab)
+        # and the dump is the truth: fw1 no longer holds what fw2's kernel lost
+        assert wait_count(lab, "fw1", 0, "-p", "tcp", "--dport", "8443", timeout=15) == 0
+    finally:
+        switchover_to_peer(lab, "fw2", STEADY)
+        run(lab, "fw1", ["conntrack", "-D", "-p", "tcp", "--dport", "8443"], check=False)
+
+
 def bulk_session(lab, seconds: float, during) -> list[str]:
     """One TCP session sending ~10 MB/s client -> server for `seconds`, `during(lab)` meanwhile;
     the sender's report: ["SENT", bytes] or ["ERROR", ...]."""
