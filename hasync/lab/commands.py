@@ -79,8 +79,13 @@ def wait_until(lab: Lab, predicate: Callable[[dict], bool], timeout: float) -> d
         if predicate(seen):
             return seen
         time.sleep(0.05)
-    logs = {fw: _tail(lab.node_dir(fw) / "hasync.log") for fw in FIREWALLS}
-    raise TimeoutError(f"lab {lab.name}: states {seen} after {timeout} s; logs: {logs}")
+    logs = {fw: _tail(lab.node_dir(fw) / "hasync.log", 12) for fw in FIREWALLS}
+    # which node stalled, if one did: a false "peer lost" follows a Master that did not run
+    timing = {fw: {k: v for k, v in ((nsctl.try_status(lab, fw) or {}).get("heartbeats") or {}).items()
+                   if k in ("local_stalls", "longest_local_stall_ms", "max_send_gap_ms")}
+              for fw in FIREWALLS}
+    raise TimeoutError(f"lab {lab.name}: states {seen} after {timeout} s; heartbeat timing: {timing}; "
+                       f"logs: {logs}")
 
 
 def _tail(path: Path, lines: int = 8) -> str:
