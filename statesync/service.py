@@ -270,7 +270,7 @@ class SyncService:
     def _kernel_holds_copy(self) -> bool:
         """Is our kernel at least as big as our copy of the table? Entries flushed here
         (`conntrack -F`) or refused by this kernel stay in the copy, and a copy adopted with
-        them would serve ghosts to the next Backup, which would hold them for hours. More
+        them would serve ghosts to the next Backup, which would hold them for days (hold_timeout). More
         entries in the kernel than in the copy is normal (our own local flows)."""
         count = ctsysctl.table_count()
         if count is not None and count >= len(self.table):

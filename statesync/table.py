@@ -62,6 +62,12 @@ def complete(old: bytes, new: bytes) -> bytes:
     return b"".join([new, pad, *extra])
 
 
+def _completed_row(row: tuple, old_attrs: bytes) -> tuple:
+    """`row` with its attrs completed from `old_attrs` (`row` itself if nothing was missing)."""
+    attrs = complete(old_attrs, row[3])
+    return row if attrs is row[3] else (*row[:3], attrs, *row[4:])
+
+
 class StateTable:
     """key -> (kind, family, key, attrs, ...) for every entry the Master replicates.
 
@@ -94,9 +100,9 @@ class StateTable:
             else:
                 old = entries.get(key)
                 if old is not None and change[0] != EV_NEW:
-                    attrs = complete(old[3], change[3])
-                    if attrs is not change[3]:
-                        change = (*change[:3], attrs, *change[4:])
+                    whole = _completed_row(change, old[3])
+                    if whole is not change:
+                        change = whole
                         self.completed += 1
                 entries[key] = change
             out.append(change)
@@ -162,11 +168,10 @@ class StateTable:
                     continue
                 live = entries.get(c[2])  # None: destroyed live, the dump's row is stale
                 if live is not None and live[0] != EV_NEW:
-                    attrs = complete(c[3], live[3])
-                    if attrs is not live[3]:
-                        live = (*live[:3], attrs, *live[4:])
-                        entries[c[2]] = live
-                        repaired.append(live)
+                    whole = _completed_row(live, c[3])
+                    if whole is not live:
+                        entries[c[2]] = whole
+                        repaired.append(whole)
             changes = fresh
             self.completed += len(repaired)
         self.entries.update(zip(map(_KEY, changes), changes))

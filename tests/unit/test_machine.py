@@ -260,13 +260,13 @@ def test_switchover_hands_over_and_sticks():
     assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}  # no preemption back
 
 
-def switched_over_to_fw2() -> PairSim:
-    """A settled pair after the operator handed the Master role from fw1 to fw2."""
+def switched_over_to_fw2(asked_by: str = "fw1") -> PairSim:
+    """A settled pair after the operator, on `asked_by`, moved the Master role to fw2."""
     sim = PairSim()
     sim.run_until(0.2)
-    ok, _, actions = sim.nodes["fw1"].machine.switchover(sim.now)
+    ok, _, actions = sim.nodes[asked_by].machine.switchover(sim.now)
     assert ok
-    sim._apply(sim.nodes["fw1"], actions)
+    sim._apply(sim.nodes[asked_by], actions)
     sim.run_until(sim.now + 0.01)
     assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}
     return sim
@@ -307,13 +307,7 @@ def test_after_a_real_loss_the_yield_ends_once_the_peer_is_heard_as_backup():
 
 
 def test_switchover_requested_from_backup():
-    sim = PairSim()
-    sim.run_until(0.2)
-    ok, _, actions = sim.nodes["fw2"].machine.switchover(sim.now)
-    assert ok
-    sim._apply(sim.nodes["fw2"], actions)
-    sim.run_until(sim.now + 0.01)
-    assert sim.states() == {"fw1": BACKUP, "fw2": MASTER}
+    switched_over_to_fw2(asked_by="fw2")  # asserts the hand-over
 
 
 def test_restarted_master_preempts_back():
