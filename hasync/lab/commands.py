@@ -79,20 +79,31 @@ def wait_until(lab: Lab, predicate: Callable[[dict], bool], timeout: float) -> d
         if predicate(seen):
             return seen
         time.sleep(0.05)
-    logs = {fw: _tail(lab.node_dir(fw) / "hasync.log", 12) for fw in FIREWALLS}
-    # which node stalled, if one did: a false "peer lost" follows a Master that did not run
+    raise TimeoutError(f"lab {lab.name}: states {seen} after {timeout} s; {heartbeat_report(lab)}")
+
+
+def heartbeat_report(lab: Lab, log_lines: int = 12) -> str:
+    """Each firewall's heartbeat timing and log tail: which node stalled, if one did (a false
+    "peer lost" follows a Master that did not run). For the message of a failed wait or test."""
+    logs = {fw: _tail(lab.node_dir(fw) / "hasync.log", log_lines, HEARTBEAT_LOG_MARKS)
+            for fw in FIREWALLS}
     timing = {fw: {k: v for k, v in ((nsctl.try_status(lab, fw) or {}).get("heartbeats") or {}).items()
                    if k in ("local_stalls", "longest_local_stall_ms", "max_send_gap_ms")}
               for fw in FIREWALLS}
-    raise TimeoutError(f"lab {lab.name}: states {seen} after {timeout} s; heartbeat timing: {timing}; "
-                       f"logs: {logs}")
+    return f"heartbeat timing: {timing}; logs: {logs}"
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+# the log lines that tell a role change's story; the sync service's lines would crowd them out
+HEARTBEAT_LOG_MARKS = (" -> ", "last heard", "not running", "no heartbeat sent", "link ")
+
+
+def _tail(path: Path, lines: int, marks: tuple[str, ...]) -> str:
+    """The last `lines` lines of the file at `path` that hold one of `marks`."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return ""
+    return "\n".join([line for line in text if any(mark in line for mark in marks)][-lines:])
 
 
 def lab_status(lab: Lab) -> dict[str, Any]:

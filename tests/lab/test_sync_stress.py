@@ -46,7 +46,9 @@ BURST_TIMEOUT_S = 120.0
 
 # The lab's 5 ms x 3 heartbeats fail over on any 15 ms stall of a loaded 2-core machine;
 # this module asks whether sync stress costs heartbeats, not whether the scheduler is fair.
-HEARTBEAT = {"heartbeat_interval_ms": 20, "dead_count": 5}
+# Stalls of up to ~120 ms were measured here under bulk conntrack work, and CI once saw the
+# Backup hear nothing for over 100 ms in the lossy test: a dead time of 300 ms is above both.
+HEARTBEAT = {"heartbeat_interval_ms": 50, "dead_count": 6}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,7 @@ def test_burst_that_overruns_the_event_socket_converges(sync_lab):
         # and the Backup knows it holds the whole table (its resync finished)
         backup = wait_backup_synced(lab)
         assert backup.get("synced"), backup
-        assert commands.states(lab) == STEADY
+        assert commands.states(lab) == STEADY, commands.heartbeat_report(lab)
     finally:
         backup_count.close()
         flush_both(lab, ct)
@@ -235,6 +237,7 @@ def test_tables_converge_through_a_lossy_ha_link(sync_lab):
         # losing sync segments never cost a heartbeat: no role change anywhere
         assert commands.states(lab) == STEADY
         transitions = last_transitions(lab)
-        assert transitions == transitions_before, f"a role change under sync loss: {transitions}"
+        assert transitions == transitions_before, (f"a role change under sync loss: {transitions}; "
+                                                   f"{commands.heartbeat_report(lab)}")
     finally:
         flush_both(lab, ct)
