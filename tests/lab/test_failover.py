@@ -172,7 +172,7 @@ def test_ha_link_cut_alone_keeps_exactly_one_master(steady):
     lab = steady
     faults.fail(lab, "fw1", "halink")
     time.sleep(1.0)  # 65 dead intervals
-    assert commands.states(lab) == STEADY
+    assert commands.states(lab) == STEADY, commands.heartbeat_report(lab)
     assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw1"], "203.0.113.1/24": ["fw1"]}
     # exactly one node answers for the LAN floating IP: the client's ARP sees fw1's MAC
     run(lab, "client", ["ip", "neigh", "flush", "dev", "eth0"])
@@ -224,8 +224,8 @@ def test_forged_or_replayed_advert_from_the_lan_changes_nothing(steady, kind, co
     run(lab, "client", [sys.executable, "-c", _advert_sender(kind)])
     s2 = status(lab, "fw2")
     assert s2["heartbeats"]["dropped"].get(counter, 0) >= before + 200
-    assert s2["last_transition"] == history
-    assert commands.states(lab) == STEADY
+    assert s2["last_transition"] == history, commands.heartbeat_report(lab)
+    assert commands.states(lab) == STEADY, commands.heartbeat_report(lab)
 
 
 def test_preemption_off_then_on(steady):
@@ -238,7 +238,8 @@ def test_preemption_off_then_on(steady):
         faults.restore(lab, "fw1")
         wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
         time.sleep(0.5)
-        assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}  # no preemption
+        # no preemption
+        assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}, commands.heartbeat_report(lab)
     finally:
         reply = nsctl.ask(lab, "fw1", "group_edit", fields={"preempt": "on"})
     assert reply["ok"], reply
@@ -251,7 +252,8 @@ def test_switchover_both_ways_without_flapping(steady):
     assert reply["ok"], reply
     wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
     time.sleep(0.5)
-    assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}  # fw1 yielded: no preemption
+    # fw1 yielded: no preemption
+    assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}, commands.heartbeat_report(lab)
     assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw2"], "203.0.113.1/24": ["fw2"]}
     assert tcp_roundtrip(lab)
     reply = nsctl.ask(lab, "fw1", "switchover")  # asked from the Backup side this time
@@ -277,7 +279,7 @@ def test_a_switchover_stands_when_the_new_master_stalls_for_a_moment(steady):
         os.kill(pid, signal.SIGCONT)
     wait_states(lab, {"fw1": "BACKUP", "fw2": "MASTER"})
     time.sleep(0.5)
-    assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}
+    assert commands.states(lab) == {"fw1": "BACKUP", "fw2": "MASTER"}, commands.heartbeat_report(lab)
     assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw2"], "203.0.113.1/24": ["fw2"]}
     # the stalled node says why in its log, and a failed lab wait or test shows those lines
     report = commands.heartbeat_report(lab)
@@ -341,7 +343,7 @@ def test_group_edit_validation_names_the_field_and_changes_nothing(steady, args,
     assert out.returncode == 1
     assert field in out.stderr and words in out.stderr, out.stderr
     assert Path(lab.configs["fw2"]).read_bytes() == before
-    assert commands.states(lab) == STEADY
+    assert commands.states(lab) == STEADY, commands.heartbeat_report(lab)
 
 
 def test_group_delete_and_add_through_the_cli(steady):
@@ -410,7 +412,8 @@ def test_reload_applies_live_without_flapping(steady):
             time.sleep(0.05)
         s1 = status(lab, "fw1")
         assert s1["priority"] == 180
-        assert s1["last_transition"] == before  # no flap: still the same Master
+        # no flap: still the same Master
+        assert s1["last_transition"] == before, commands.heartbeat_report(lab)
         assert holder_of_floating_ips(lab) == {"192.0.2.1/24": ["fw1"], "203.0.113.1/24": ["fw1"]}
         assert status(lab, "fw2")["peer"]["priority"] == 180
         # an invalid file is refused with the reason, and the running config stays
@@ -423,4 +426,4 @@ def test_reload_applies_live_without_flapping(steady):
         path.write_bytes(original)
         assert nsctl.ask(lab, "fw1", "reload")["ok"]
     assert status(lab, "fw1")["priority"] == 150
-    assert status(lab, "fw1")["last_transition"] == before
+    assert status(lab, "fw1")["last_transition"] == before, commands.heartbeat_report(lab)

@@ -235,7 +235,7 @@ def test_tables_converge_through_a_lossy_ha_link(sync_lab):
         assert not difference(want, have)
         assert not difference(expected, want, ("what we wrote", "Master"))
         # losing sync segments never cost a heartbeat: no role change anywhere
-        assert commands.states(lab) == STEADY
+        assert commands.states(lab) == STEADY, commands.heartbeat_report(lab)
         transitions = last_transitions(lab)
         assert transitions == transitions_before, (f"a role change under sync loss: {transitions}; "
                                                    f"{commands.heartbeat_report(lab)}")
