@@ -403,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="hasync,conntrackd")
     p.add_argument("--heartbeat-ms", type=int, default=None,
                    help="the labs' heartbeat interval (default: the lab's 5 ms, dead after 3)")
-    p.add_argument("--realtime-priority", type=int, default=0,
-                   help="SCHED_FIFO priority of the hasync failover processes (0: normal)")
+    p.add_argument("--realtime-priority", type=int, default=None,
+                   help="SCHED_FIFO priority of the hasync failover processes (default: the lab's 50; "
+                        "0: the normal class)")
     p.add_argument("--injector", choices=("prepared", "apply"), default="prepared",
                    help="prepared: requests encoded before the burst, only sent during it (default); "
                         "apply: CtSocket.apply per 5000 entries, encoding inside the burst (older figures)")
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {} if args.heartbeat_ms is None else {"heartbeat_interval_ms": args.heartbeat_ms}
     hasync_overrides = dict(overrides)
-    if args.realtime_priority:
+    if args.realtime_priority is not None:
         hasync_overrides["realtime_priority"] = args.realtime_priority
     makers: dict[str, Callable[[], Any]] = {"hasync": lambda: HasyncBench(say, **hasync_overrides)}
     if "conntrackd" in systems:
