@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime-priority", type=int, default=None,
                    help="SCHED_FIFO priority of the hasync failover processes (default: the lab's 50; "
                         "0: the normal class)")
+    p.add_argument("--no-backup-copy", action="store_true",
+                   help="hasync with sync.backup_copy = false: the Backup keeps no copy of the table")
     p.add_argument("--injector", choices=("prepared", "apply"), default="prepared",
                    help="prepared: requests encoded before the burst, only sent during it (default); "
                         "apply: CtSocket.apply per 5000 entries, encoding inside the burst (older figures)")
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     hasync_overrides = dict(overrides)
     if args.realtime_priority is not None:
         hasync_overrides["realtime_priority"] = args.realtime_priority
+    if args.no_backup_copy:
+        hasync_overrides["sync_backup_copy"] = False
     makers: dict[str, Callable[[], Any]] = {"hasync": lambda: HasyncBench(say, **hasync_overrides)}
     if "conntrackd" in systems:
         try:

@@ -124,6 +124,9 @@ class SyncConfig:
     # kernel mode: the Backup's copies get at least this timeout (s) and go when the Master
     # says so; the Master's own timers restart on packets without an event (statesync.service)
     hold_timeout: int = DEFAULT_HOLD_TIMEOUT
+    # kernel mode: the Backup keeps a copy of the Master's state table (statesync.table), so a
+    # takeover needs no conntrack dump; False gives that memory back and the takeover dumps
+    backup_copy: bool = True
     replicated_paths: tuple[str, ...] = ()  # config sync: files, directories, globs
     reload_hooks: Mapping[str, str] = field(default_factory=dict)  # path/glob -> command
     ignore_protocols: tuple[str, ...] = ()
@@ -477,6 +480,9 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
     port = _port(t, "port", DEFAULT_SYNC_PORT)
     mode = _choice(t.field("mode"), t.string("mode", "kernel"), ("kernel", "cache"))
     hold_timeout = t.integer("hold_timeout", DEFAULT_HOLD_TIMEOUT, lo=0, hi=2**31 - 1)
+    backup_copy = t.boolean("backup_copy", True)
+    if not backup_copy and mode == "cache":
+        raise ConfigError(t.field("backup_copy"), 'false needs mode = "kernel" (in cache mode the copy is the cache)')
     secret_text = t.string("curve_secret_key_file", None)
     secret_file = _relative_to(base_dir, secret_text) if secret_text else None
     if enabled and secret_file is not None:
@@ -514,6 +520,7 @@ def _parse_sync(t: _Table, base_dir: Path) -> SyncConfig:
     t.done()
     return SyncConfig(enabled=enabled, port=port, curve_secret_key_file=secret_file,
                       peer_public_key=peer_key, mode=mode, hold_timeout=hold_timeout,
+                      backup_copy=backup_copy,
                       replicated_paths=replicated, reload_hooks=hooks, ignore_protocols=protocols,
                       ignore_addresses=tuple(networks))
 
@@ -829,6 +836,7 @@ def to_toml_dict(cfg: NodeConfig) -> dict:
         "port": sync.port,
         "mode": sync.mode,
         "hold_timeout": sync.hold_timeout,
+        "backup_copy": sync.backup_copy,
         "peer_public_key": sync.peer_public_key,
         "replicated_paths": list(sync.replicated_paths),
         "reload_hooks": dict(sync.reload_hooks),

@@ -164,6 +164,8 @@ class SyncService:
         # each entry's state: the Master's, for snapshots without a dump; a Backup's copy of
         # it, which a takeover adopts (and in mode "cache" commits into the kernel)
         self.table = StateTable()
+        # without the copy (sync.backup_copy = false) a takeover dumps instead of adopting it
+        self.keeps_copy = self.mode == "cache" or cfg.sync.backup_copy
         self._seeded_at = float("-inf")
         self.poller = zmq.Poller()
         for sock in self.channel.sockets():
@@ -224,7 +226,7 @@ class SyncService:
         committed = 0
         self.writer.wait_idle()  # what the old Master sent is in our table before anything else
         if role == "master":
-            whole = self.receiver.synced  # our copy of the old Master's table is complete
+            whole = self.receiver.synced and self.keeps_copy  # a complete copy of the old Master's table
             if whole and self.mode == "kernel":
                 whole = self._kernel_holds_copy()
             if self.mode == "cache" and self.table:
@@ -336,7 +338,7 @@ class SyncService:
             "filter": {"ignored": self.filter.ignored, "malformed": self.filter.malformed},
             "frames_ignored_role": self.frames_ignored_role,
             "dumps": self.dumps,
-            "table": {"entries": len(self.table), "seeded": self.table.seeded,
+            "table": {"entries": len(self.table), "seeded": self.table.seeded, "backup_copy": self.keeps_copy,
                       "snapshots": self.table_snapshots, "completed": self.table.completed},
             "held": len(self.receiver.held),
             "holds_released": self.holds_released,
@@ -489,7 +491,8 @@ class SyncService:
             return
         if len({r[2] for r in records}) != len(records):
             records = list({r[2]: r for r in records}.values())
-        self.table.on_records(records)
+        if self.keeps_copy:
+            self.table.on_records(records)
         if self.mode == "cache":
             self.entries_applied += len(records)
             return

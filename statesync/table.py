@@ -15,7 +15,8 @@ Two reasons to keep it (conntrackd keeps the same, its "internal cache"):
 
 A Backup keeps the same table from the records it is sent (`on_records`): at takeover it
 is the new Master's table (`adopt`), so the resyncs that follow a switchover need no dump
-either. In cache mode it is the cache that the takeover commits.
+either. In cache mode it is the cache that the takeover commits. In kernel mode the copy
+can be left out (config sync.backup_copy = false): its memory back, a dump at takeover.
 
 Rows are kept as they come, (kind or op, family, key, attrs, ...): an event's change
 tuple, a dump's, a replicated record. Keeping the caller's tuple costs no allocation per

@@ -13,9 +13,12 @@ import secrets
 import signal
 import sys
 import time
+import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from hasync.lab import commands, faults, nsctl
 from hasync.lab.process import run, start_process, stop_process
@@ -454,6 +457,65 @@ def test_a_copy_ahead_of_its_kernel_is_not_adopted_at_takeover(synced):
     finally:
         switchover_to_peer(lab, "fw2", STEADY)
         run(lab, "fw1", ["conntrack", "-D", "-p", "tcp", "--dport", "8443"], check=False)
+
+
+@contextmanager
+def sync_setting(lab, fw: str, key: str, value):
+    """`fw`'s [sync] `key` set to `value` (a reload restarts its sync child, which resyncs);
+    put back afterwards."""
+    path = Path(lab.configs[fw])
+    original = path.read_bytes()
+    data = tomllib.loads(original.decode())
+    data["sync"][key] = value
+    path.write_bytes(tomli_w.dumps(data).encode())
+    try:
+        reload_sync(lab, fw)
+        yield
+    finally:
+        path.write_bytes(original)
+        reload_sync(lab, fw)
+
+
+def reload_sync(lab, fw: str) -> None:
+    """Reload `fw` after a [sync] change: until its new sync child answers and is synced."""
+    pid = sync_field(lab, fw, "pid")
+    assert nsctl.ask(lab, fw, "reload")["ok"]
+    commands.wait_until(lab, lambda _: ((nsctl.try_status(lab, fw) or {}).get("sync") or {})
+                        .get("pid", pid) != pid, 10)
+    wait_backup_synced(lab, fw)
+
+
+def test_without_the_backup_copy_a_takeover_dumps_and_still_carries_the_entries(synced):
+    """sync.backup_copy = false: the Backup keeps no copy of the Master's table (its memory),
+    so the takeover dumps its kernel instead, the held entries still get their timeouts back,
+    and the next Backup gets every entry."""
+    lab = synced
+    commands.wait_until(lab, lambda s: s == STEADY, 20)
+    wait_backup_synced(lab, "fw2")
+    with sync_setting(lab, "fw2", "backup_copy", False):
+        table = sync_field(lab, "fw2", "table")
+        assert table["backup_copy"] is False, table
+        for i in range(40):
+            run(lab, "fw1", ["conntrack", "-I", "-p", "tcp", "-s", "198.18.0.3", "-d", "198.19.0.3",
+                             "--sport", str(22000 + i), "--dport", "8444", "--state", "ESTABLISHED",
+                             "-t", "600", "-u", "SEEN_REPLY,ASSURED"])
+        one_idle_udp_flow(lab)
+        assert wait_count(lab, "fw2", 40, "-p", "tcp", "--dport", "8444") == 40
+        assert sync_field(lab, "fw2", "table")["entries"] == 0  # replicated, and no copy kept
+        dumps = sync_field(lab, "fw2", "dumps")
+        switchover_to_peer(lab, "fw1", {"fw1": "BACKUP", "fw2": "MASTER"})
+        try:
+            wait_backup_synced(lab, "fw1")
+            assert sync_field(lab, "fw2", "dumps") == dumps + 1, role_log(lab)
+            assert wait_count(lab, "fw1", 40, "-p", "tcp", "--dport", "8444") == 40
+            left = idle_flow_released(lab)  # released from the dump, not from a copy
+            assert left is not None and left <= 30, left
+        finally:
+            switchover_to_peer(lab, "fw2", STEADY)
+            for flow in (("-p", "tcp", "--dport", "8444"), IDLE_UDP):
+                run(lab, "fw1", ["conntrack", "-D", *flow], check=False)
+    wait_backup_synced(lab, "fw2")
+    assert sync_field(lab, "fw2", "table")["backup_copy"] is True
 
 
 def bulk_session(lab, seconds: float, during) -> list[str]:
