@@ -109,6 +109,14 @@ def encode_tcp_protoinfo(state: int, wscale: tuple[int, int] = (7, 7),
     ))
 
 
+def encode_tcp_liberal() -> bytes:
+    """CTA_PROTOINFO that sets BE_LIBERAL in both directions of a TCP entry and leaves every
+    other flag, the state and the windows as they are (the mask holds that bit alone)."""
+    both = bytes((IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL))
+    return nest(CTA_PROTOINFO, nest(CTA_PROTOINFO_TCP, nla(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, both),
+                                    nla(CTA_PROTOINFO_TCP_FLAGS_REPLY, both)))
+
+
 def encode_sctp_protoinfo(state: int, vtag_orig: int, vtag_reply: int) -> bytes:
     return nest(CTA_PROTOINFO, nest(
         CTA_PROTOINFO_SCTP,

@@ -212,8 +212,11 @@ class SyncService:
         self.receiver.held.update(c[2] for c in self.ct.dump_changes() if accepts(c[2]))
         if self.receiver.held:
             # they may be from a time this node was Master (a restart of the daemon on the
-            # Master, say): their TCP windows are stale, so the first resync re-seats them
+            # Master, say): their TCP windows are stale, so the first resync re-seats them,
+            # and until then they are liberal (the peer may fail first)
             self.receiver.reseat_next_resync()
+            self._count_errors(self.ct.make_liberal([k for k in self.receiver.held if is_tcp_key(k)]),
+                               ignore=(2,))
         log.info("start: %d entries in the table from before, held until the first resync%s",
                  len(self.receiver.held), " (which re-seats them)" if self.receiver.held else "")
 
@@ -249,15 +252,21 @@ class SyncService:
                 self._release_entries = list(self.table.entries.values()) if whole else None
         else:
             was_master = self.role == "master"
+            # our own entries (the table unseeds below): their windows go stale from now on
+            own = list(self.table.entries) if was_master and self.table.seeded else None
             self._stop_master()
             self._release_at = self._release_entries = None
             self.receiver.reset()
             self._unsynced_since = now
             if was_master and self.mode == "kernel":
-                # our sequence windows are stale from now on: the next resync re-creates
-                # our TCP entries instead of updating them (see CtSocket.reseat), once
-                # packets in flight at the switchover no longer cross us: a re-seat deletes
-                # an entry for a moment, and a packet meeting that gap is dropped as invalid
+                # our sequence windows are stale from now on, and the peer may fail before
+                # the re-seat below (seen in the lab: a crash 1.5 s after a switchover, every
+                # session we had carried dropped as invalid): liberal at once, in place
+                self.writer.submit(self._make_liberal, own)
+                # and the next resync re-creates our TCP entries instead of updating them
+                # (see CtSocket.reseat), once packets in flight at the switchover no longer
+                # cross us: a re-seat deletes an entry for a moment, and a packet meeting
+                # that gap is dropped as invalid
                 self.receiver.reseat_next_resync()
                 self.receiver.ask_resync_later(now, RESEAT_GRACE_S)
             elif self.channel.connected:
@@ -528,6 +537,17 @@ class SyncService:
             res = self.ct.delete(stale)
             self._count_errors(res, ignore=(2,))  # ENOENT: timed out here meanwhile
         log.info("resync complete: %d entries, %d stale ones purged", kept, len(stale))
+
+    def _make_liberal(self, keys: list[bytes] | None) -> None:  # in the writer thread
+        """Our TCP entries BE_LIBERAL, in place (CtSocket.make_liberal); None: they are not
+        known (no seeded table), so a dump says."""
+        if keys is None:
+            self.dumps += 1
+            keys = [c[2] for c in self.ct.dump_changes()]
+        tcp = [key for key in keys if is_tcp_key(key)]
+        res = self.ct.make_liberal(tcp)
+        self._count_errors(res, ignore=(2,))  # ENOENT: gone meanwhile
+        log.info("role: backup: %d TCP entries of ours made liberal (their windows go stale)", res.ok)
 
     def _release_holds_from_dump(self) -> None:  # in the writer thread
         accepts = self.filter.accepts

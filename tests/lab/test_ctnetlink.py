@@ -7,6 +7,7 @@ our codec (events and dumps) are applied to B; `conntrack -L -o extended` of A
 and B must then agree, and deletes/flushes must replicate.
 """
 
+import errno
 import os
 import re
 import secrets
@@ -20,7 +21,7 @@ from statesync import ctbuild as cb
 from statesync import ctmsg
 from statesync.ctconst import (
     CT_NEW, EV_DESTROY, EV_NEW, EV_UPDATE, IPS_ASSURED, IPS_CONFIRMED, IPS_EXPECTED,
-    IPS_SEEN_REPLY, IPS_SRC_NAT, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+    IPS_SEEN_REPLY, IPS_SRC_NAT, NFGEN_HDR, NFGEN_HDR_LEN, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 )
 from statesync.ctcreate import prepare
 from statesync.ctnetlink import CtSocket, Overrun, encode_expectation, entered_netns
@@ -415,6 +416,31 @@ def test_reseat_recreates_tcp_entries_in_place(netns):
             time.sleep(0.01)
         assert seen == [(EV_DESTROY, ctmsg.key_of(tcp)), (EV_NEW, ctmsg.key_of(tcp))]
         assert {e.key for e in s.dump()} == {ctmsg.key_of(tcp), ctmsg.key_of(udp)}
+
+
+def test_make_liberal_marks_tcp_entries_in_place(netns):
+    """CtSocket.make_liberal: BE_LIBERAL set in both directions of an existing TCP entry,
+    its other flags, state and timeout kept, no destroy and no create (no gap); a key we do
+    not hold is ENOENT, nothing else."""
+    b = netns.new("b")
+    with CtSocket.open_in(b) as s, CtSocket.open_in(b, events=True) as ev:
+        fam, tcp = cb.encode_entry(cb.Tuple(6, "198.18.0.1", "198.19.0.1", 1000, 80))
+        _, absent = cb.encode_entry(cb.Tuple(6, "198.18.0.9", "198.19.0.1", 1000, 80))
+        # written as is (prepare would add BE_LIBERAL): the flags of a Master's own entry
+        raw = NFGEN_HDR.pack(NFGEN_HDR_LEN + len(tcp), CT_NEW, NLM_F_REQUEST | NLM_F_CREATE, 1, 0, fam, 0, 0)
+        assert s.send_batched([raw + tcp]).failed == 0
+        key = ctmsg.key_of(tcp)
+        before = decoded_table(s)[key]
+        flags_at = (6, 7)  # flags_orig, flags_reply in decoded_table's row
+        assert all(not before[i] & cb.IP_CT_TCP_FLAG_BE_LIBERAL for i in flags_at), before[5:]
+        ev.recv_batch(block=False)
+        res = s.make_liberal([key, ctmsg.key_of(absent)])
+        assert res.ok == 1 and dict(res.errors) == {errno.ENOENT: 1}, res
+        after = decoded_table(s)[key]
+        assert all(after[i] == before[i] | cb.IP_CT_TCP_FLAG_BE_LIBERAL for i in flags_at), after
+        assert after[:6] == before[:6] and after[8:] == before[8:]
+        time.sleep(0.05)
+        assert all(e.kind not in (EV_NEW, EV_DESTROY) for e in ev.recv_batch(block=False))
 
 
 def test_held_entries_get_their_kernel_timeouts_back(netns):
