@@ -11,6 +11,7 @@ from statesync.ctconst import (
     CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
     CTA_PROTOINFO_TCP_FLAGS_REPLY, CTA_TUPLE_ORIG, CTA_ZONE, EV_DESTROY, EV_NEW,
 )
+from statesync.ctnetlink import is_tcp_key
 from statesync.filter import EntryFilter, fast_key_fields
 from tests.unit.test_ctmsg import entries, tuples
 
@@ -93,6 +94,18 @@ def test_filter_fast_fields_match_tuple_info(t, zone):
     assert fields == ctmsg.tuple_info(key)[:3]
     for cut in range(0, len(key), 7):  # a short key either walks or reads consistently, never crashes
         EntryFilter().accepts(key[:cut])
+
+
+@given(tuples(), st.none() | st.integers(1, 0xFFFF), st.booleans())
+def test_is_tcp_key_fast_path_matches_the_walk(t, zone, nested_first):
+    key = cb.encode_tuple(CTA_TUPLE_ORIG, t) + (cb.be16(CTA_ZONE, zone) if zone else b"")
+    if nested_first:  # another layout (proto nest first): the slices refuse it, the walk reads it
+        body = key[4:len(cb.encode_tuple(CTA_TUPLE_ORIG, t))]
+        ip_len = ctmsg.NLA_HDR.unpack_from(body)[0]
+        ip, rest = body[:(ip_len + 3) & ~3], body[(ip_len + 3) & ~3:]
+        key = key[:4] + rest + ip + key[4 + len(body):]
+        assert fast_key_fields(key) is None
+    assert is_tcp_key(key) == (ctmsg.tuple_info(key)[0] == socket.IPPROTO_TCP)
 
 
 def test_filter_fast_path_still_ignores_networks_and_protocols():
