@@ -95,7 +95,10 @@ def render_status(s: dict[str, Any], colour: bool = False) -> str:
     if sync:
         lines.append(f"  sync: {'connected' if sync.get('connected') else 'not connected'},"
                      f" {sync.get('entries_applied', 0)} applied, {sync.get('entries_sent', 0)} sent,"
-                     f" lag {sync.get('lag_ms')} ms, last resync {sync.get('last_resync')}")
+                     f" lag {sync.get('lag_ms')} ms, last resync {_resync_text(sync.get('last_resync'))}")
+        table_line = _table_line(sync)
+        if table_line:
+            lines.append(table_line)
         commit = sync.get("last_commit")
         if commit:  # cache mode: what the last takeover waited for
             lines.append(f"  sync cache: {commit['entries']} entries committed at the last takeover"
@@ -110,6 +113,25 @@ def render_status(s: dict[str, Any], colour: bool = False) -> str:
     for reason in s.get("reasons") or []:
         lines.append(f"  red: {reason}")
     return "\n".join(lines)
+
+
+def _resync_text(last: dict[str, Any] | None) -> str:
+    if not isinstance(last, dict) or not isinstance(last.get("at"), (int, float)):
+        return "never"
+    return f"{time.time() - last['at']:.0f} s ago ({last.get('entries', '?')} entries)"
+
+
+def _table_line(sync: dict[str, Any]) -> str:
+    """What a takeover or a resync will cost: is there a state table (statesync.table)?"""
+    table = sync.get("table")
+    if not table:
+        return ""
+    if sync.get("role") == "master":
+        return (f"  sync table: {table.get('entries', 0)} entries, resyncs served from it;"
+                f" conntrack dumps so far: {sync.get('dumps', 0)}")
+    if table.get("backup_copy") is False:
+        return "  sync table: no copy kept (sync.backup_copy = false): a takeover dumps the kernel table"
+    return f"  sync table: a copy of {table.get('entries', 0)} entries, which a takeover adopts without a dump"
 
 
 def cmd_switchover(args: argparse.Namespace) -> int:
