@@ -253,7 +253,8 @@ class SyncService:
         else:
             was_master = self.role == "master"
             # our own entries (the table unseeds below): their windows go stale from now on
-            own = list(self.table.entries) if was_master and self.table.seeded else None
+            own = (list(self.table.entries) if was_master and self.mode == "kernel" and self.table.seeded
+                   else None)
             self._stop_master()
             self._release_at = self._release_entries = None
             self.receiver.reset()

@@ -85,7 +85,7 @@ def wait_until(lab: Lab, predicate: Callable[[dict], bool], timeout: float) -> d
 def heartbeat_report(lab: Lab, log_lines: int = 12) -> str:
     """Each firewall's heartbeat timing and log tail: which node stalled, if one did (a false
     "peer lost" follows a Master that did not run). For the message of a failed wait or test."""
-    logs = {fw: _tail(lab.node_dir(fw) / "hasync.log", log_lines, HEARTBEAT_LOG_MARKS)
+    logs = {fw: _marked_lines(lab.node_dir(fw) / "hasync.log", log_lines, HEARTBEAT_LOG_MARKS)
             for fw in FIREWALLS}
     timing = {fw: {k: v for k, v in ((nsctl.try_status(lab, fw) or {}).get("heartbeats") or {}).items()
                    if k in ("local_stalls", "longest_local_stall_ms", "max_send_gap_ms")}
@@ -97,7 +97,7 @@ def heartbeat_report(lab: Lab, log_lines: int = 12) -> str:
 HEARTBEAT_LOG_MARKS = (" -> ", "last heard", "not running", "no heartbeat sent", "link ")
 
 
-def _tail(path: Path, lines: int, marks: tuple[str, ...]) -> str:
+def _marked_lines(path: Path, lines: int, marks: tuple[str, ...]) -> str:
     """The last `lines` lines of the file at `path` that hold one of `marks`."""
     try:
         text = path.read_text(errors="replace").splitlines()
