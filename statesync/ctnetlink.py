@@ -438,9 +438,11 @@ class CtSocket:
 
     def make_liberal(self, tcp_keys: Iterable[bytes]) -> ApplyResult:
         """Mark each TCP entry BE_LIBERAL in both directions, in place: an update of the key
-        and CTA_PROTOINFO alone, no gap for a packet to fall in (unlike `reseat`). Its
-        windows stay stale, but a liberal entry checks only RSTs against them. ENOENT
-        counts entries gone meanwhile."""
+        and CTA_PROTOINFO alone, no gap for a packet to fall in (a delete and create would
+        leave one; ctnetlink cannot reset an entry's window tracking). Its windows stay
+        stale, but a liberal entry checks only RSTs against them (that their sequence is not
+        below the stale highest ACK, which a live session's is not). ENOENT counts entries
+        gone meanwhile."""
         liberal = encode_tcp_liberal()
         return self._send_keyed(CT_NEW, ((key, liberal) for key in tcp_keys))
 
@@ -459,24 +461,6 @@ class CtSocket:
                 seq = (seq + 1) & 0xFFFFFFFF
 
         return self.send_batched(messages())
-
-    def reseat(self, tcp_keys: list[bytes], framed: "FramedApply") -> ApplyResult:
-        """Delete the entries of `tcp_keys`, then send `framed` (which re-creates them).
-
-        A node that forwarded as Master has learned each session's sequence windows; once it
-        is Backup they go stale while the new Master's traffic moves on, and on the next
-        takeover its kernel would drop the sessions' packets as INVALID (tcp_loose=0; seen
-        in the lab after a failback then a switchover). ctnetlink cannot reset the window
-        state of an existing entry, but an entry it creates starts with none and picks the
-        windows up from the first packet, as on a fresh takeover. The entries come from the
-        new Master's resync, not from a dump of our own table: a dump of a (nearly) empty
-        table stalls a CPU for ~15 ms (see statesync.protocol). ENOENT (not held) is fine.
-        """
-        gone = self.delete(tcp_keys)
-        gone.errors.pop(errno.ENOENT, None)
-        result = self.send_framed(framed)
-        result.errors.update(gone.errors)
-        return result
 
     def send_batched(self, messages: Iterable[bytes], failures: list | None = None) -> ApplyResult:
         """Send prepared requests, ~256 KiB per send(); count error replies by errno.

@@ -350,12 +350,9 @@ class Sender:
 @dataclass(frozen=True, slots=True)
 class Apply:
     """Write these records (op, family, key, attrs) into the table, in order.
-    A frame never holds two records of one key, so upserts and deletes may be split.
-    `reseat`: the records belong to a re-seating resync (`Receiver.reseat_next_resync`):
-    existing entries must be deleted and created afresh, not updated."""
+    A frame never holds two records of one key, so upserts and deletes may be split."""
 
     records: tuple[wire.Record, ...]
-    reseat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,28 +422,22 @@ class Receiver:
     in_resync: int | None = None  # id of the resync being received
     last_resync_done: int | None = None
     held: set[bytes] = field(default_factory=set)
-    reseat_pending: bool = False  # the next complete resync re-creates entries (see Apply.reseat)
     _keep: set[bytes] = field(default_factory=set)
-    _reseating: bool = False
     _snapshot_seen: int = 0
     _unacked: int = 0
     _nacked: tuple[int, float] | None = None
     _resync_asked: float = float("-inf")
     _retry_after: float = 0.0  # current wait before repeating a RESYNC_REQ (0: resync_retry)
-    _not_before: float = float("-inf")  # no request before this (ask_resync_later)
-    _grace_until: float = float("-inf")  # a former Master's grace; reset() keeps it (a flap series)
 
     def reset(self) -> None:
         self._forget_position()
         self._resync_asked = float("-inf")
         self._retry_after = 0.0
-        self._not_before = float("-inf")
 
     def _forget_position(self) -> None:
         self.expected = None
         self.in_resync = None
         self._keep = set()
-        self._reseating = False
         self._unacked = 0
         self._nacked = None
 
@@ -466,10 +457,6 @@ class Receiver:
     def on_frame(self, frame: Frame, now: float) -> list:
         self.counters.frames_in += 1
         return self._on_frame(frame, now)
-
-    def reseat_next_resync(self) -> None:
-        """Mark the resyncs from now until one completes as re-seating (we were Master)."""
-        self.reseat_pending = True
 
     def ask_resync(self, now: float) -> list:
         """A resync request (start, connect, operator, a snapshot that did not add up). From
@@ -550,7 +537,7 @@ class Receiver:
                 else:
                     held.discard(key)
         self.counters.records_applied += len(records)
-        return Apply(records, self._reseating)
+        return Apply(records)
 
     def _on_resync_begin(self, seq: int, resync_id: int) -> list:
         self.counters.resyncs += 1
@@ -558,7 +545,6 @@ class Receiver:
         self.expected = seq + 1
         self.in_resync = resync_id
         self._keep = set()
-        self._reseating = self.reseat_pending
         self._snapshot_seen = 0
         self._nacked = None
         self._unacked = 0
@@ -573,7 +559,7 @@ class Receiver:
         if count != self._snapshot_seen:
             # a sender bug or a forged stream: do not purge on a partial picture
             self.counters.resync_count_mismatch += 1
-            return self.ask_resync(now)  # reseat_pending stays: the next resync re-seats
+            return self.ask_resync(now)
         keep = frozenset(self._keep)
         stale = frozenset(self.held - keep)
         self.held -= stale
@@ -581,8 +567,6 @@ class Receiver:
         self.in_resync = None
         self.last_resync_done = resync_id
         self._keep = set()
-        if self._reseating:
-            self._reseating = self.reseat_pending = False
         return actions
 
     def _on_keepalive(self, last_seq: int, now: float) -> list:
@@ -608,24 +592,10 @@ class Receiver:
         self.counters.acks_sent += 1
         return SendAck(self.expected - 1)
 
-    def ask_resync_later(self, now: float, delay: float) -> None:
-        """Unsynced from now; the first frame from the Master `delay` s from now or later
-        makes the request (a node that was Master: see the service's RESEAT_GRACE_S).
-        A node that flaps (Master for a moment, again and again: heartbeats lost to a stalled
-        CPU) keeps the grace of the series' first flap: if each flap pushed the request out
-        again, a Backup flapping every few hundred ms never asked and held nothing (seen in the
-        lab: 0 of 200 sessions' entries after 10 s of flaps)."""
-        self._forget_position()
-        self._resync_asked = float("-inf")  # that request is a first one, not a repeat
-        self._retry_after = 0.0
-        if self._grace_until <= now:
-            self._grace_until = now + delay
-        self._not_before = self._grace_until
-
     def _ask_for_lost_begin(self, now: float) -> list:
         """A snapshot is flowing and we missed its RESYNC_BEGIN: ask again as soon as a NACK
         would (the Master sends that snapshot again from its start, Sender.on_resync_request)."""
-        if now - self._resync_asked < self.nack_retry or now < self._not_before:
+        if now - self._resync_asked < self.nack_retry:
             return []
         return self.ask_resync(now)
 
@@ -634,8 +604,6 @@ class Receiver:
         backing off: over a slow link the snapshot asked for last time may still be on its
         way, and a repeat makes the Master send it again from its start (or read a new one
         once the last one's RESYNC_BEGIN was acknowledged: Sender.on_resync_request)."""
-        if now < self._not_before:
-            return []
         if self._resync_asked != float("-inf"):  # a repeat
             wait = self._retry_after or self.resync_retry
             if now - self._resync_asked < wait:

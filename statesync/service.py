@@ -11,8 +11,7 @@ Dumps are rare on purpose: one conntrack dump of a (nearly) empty table walks th
 whole hash, shared by all namespaces, in one recv() and stalls a CPU for ~15 ms on a
 non-preemptible kernel, which the failover daemons' 5 ms heartbeats notice. So the
 Backup purges from the keys it knows it holds (Receiver.held, seeded by one dump at
-start-up) and re-seats TCP entries from the new Master's resync, not from a dump; the
-Master serves resyncs from its table (statesync.table). A Backup keeps a copy of that
+start-up), and the Master serves resyncs from its table (statesync.table). A Backup keeps a copy of that
 table and adopts it at takeover when it was in sync, so a switchover costs no dump; a
 term without a whole copy dumps for its first resync (seeding the table), and so does a
 resync after an overrun. `dumps` in status counts them.
@@ -65,7 +64,6 @@ CONFIG_TYPES = frozenset(config_frames.TYPES)
 MAX_FRAMES_PER_TURN = 16  # Sender frames per loop turn: events and the channel stay responsive
 MAX_WAIT_S = 0.2
 SWITCH_INTERVAL_S = 0.0005
-RESEAT_GRACE_S = 1.0  # a former Master asks for the resync that re-seats its entries this late
 # a resync is served from the table (statesync.table) only this long after the dump that
 # seeded it: an entry made before any listener existed has no event extension and dies
 # without a DESTROY, so only a dump drops it from the table; the age bounds how long
@@ -212,13 +210,11 @@ class SyncService:
         self.receiver.held.update(c[2] for c in self.ct.dump_changes() if accepts(c[2]))
         if self.receiver.held:
             # they may be from a time this node was Master (a restart of the daemon on the
-            # Master, say): their TCP windows are stale, so the first resync re-seats them,
-            # and until then they are liberal (the peer may fail first; in the writer
-            # thread, ~4 us a TCP entry here: the node answers its daemon meanwhile)
-            self.receiver.reseat_next_resync()
+            # Master, say): their TCP windows may be stale, so they are liberal from now on
+            # (in the writer thread, ~4 us a TCP entry here: the node answers its daemon meanwhile)
             self.writer.submit(self._make_liberal, list(self.receiver.held))
         log.info("start: %d entries in the table from before, held until the first resync%s",
-                 len(self.receiver.held), " (which re-seats them)" if self.receiver.held else "")
+                 len(self.receiver.held), " (TCP ones made liberal)" if self.receiver.held else "")
 
     # ---- control commands (statesync.control) -----------------------------------------
 
@@ -238,7 +234,7 @@ class SyncService:
             self.events = CtSocket.events()
             self.poller.register(self.events.fileno(), zmq.POLLIN)
             self.sender = protocol.Sender(destroy_kind=EV_DESTROY)
-            if whole:  # the resyncs that follow (a re-seat, a restart) need no dump
+            if whole:  # the resyncs that follow (the old Master's, a restart) need no dump
                 self.table.adopt()
                 self._seeded_at = now
             else:
@@ -259,17 +255,14 @@ class SyncService:
             self._release_at = self._release_entries = None
             self.receiver.reset()
             self._unsynced_since = now
-            if was_master and self.mode == "kernel":
-                # our sequence windows are stale from now on, and the peer may fail before
-                # the re-seat below (seen in the lab: a crash 1.5 s after a switchover, every
-                # session we had carried dropped as invalid): liberal at once, in place
-                self.writer.submit(self._make_liberal, own)
-                # and the next resync re-creates our TCP entries instead of updating them
-                # (see CtSocket.reseat), once packets in flight at the switchover no longer
-                # cross us: a re-seat deletes an entry for a moment, and a packet meeting
-                # that gap is dropped as invalid
-                self.receiver.reseat_next_resync()
-                self.receiver.ask_resync_later(now, RESEAT_GRACE_S)
+            if was_master:
+                # our sequence windows go stale from now on, as the traffic moves on through
+                # the peer, and with tcp_loose=0 a takeover would drop every packet of those
+                # sessions as invalid (seen in the lab): liberal at once, in place, no gap
+                if self.mode == "kernel":
+                    self.writer.submit(self._make_liberal, own)
+                # the peer is not Master yet and would ignore a request: its first frame as
+                # Master makes it (Receiver.reset)
             elif self.channel.connected:
                 self._send_actions(self.receiver.ask_resync(now))
         self.role = role
@@ -472,28 +465,23 @@ class SyncService:
             self._backup_actions(actions, now)
 
     def _backup_actions(self, actions: list, now: float) -> None:
-        batch: list[tuple] = []  # records of consecutive Apply actions with one reseat flag
-        reseat = False
+        batch: list[tuple] = []  # records of consecutive Apply actions
         for act in actions:
             if isinstance(act, protocol.Apply):
-                if batch and act.reseat != reseat:
-                    self._write(batch, reseat)
-                    batch = []
-                reseat = act.reseat
                 batch += act.records
             elif isinstance(act, protocol.Purge):
-                self._write(batch, reseat)
+                self._write(batch)
                 batch = []
                 self._purge(act)
                 self._unsynced_since = None
                 self.last_resync = {"at": time.time(), "id": act.resync_id, "entries": len(act.keep)}
             else:
                 self.channel.send(act.to_bytes())
-        self._write(batch, reseat)
+        self._write(batch)
         if self.receiver.synced:
             self._unsynced_since = None
 
-    def _write(self, records: list[tuple], reseat: bool) -> None:
+    def _write(self, records: list[tuple]) -> None:
         """Write (op, family, key, attrs) records, in order per key. One frame never holds a
         key twice; when two frames of this turn do, only the key's last record is written
         (the kernel writes below go upserts first, then deletes)."""
@@ -508,17 +496,15 @@ class SyncService:
             return
         upserts = [(r[1], r[3]) for r in records if r[0] == wire.OP_UPSERT]
         deletes = [r[2] for r in records if r[0] == wire.OP_DELETE] if len(upserts) < len(records) else []
-        reseats = [r[2] for r in records if r[0] == wire.OP_UPSERT and is_tcp_key(r[2])] if reseat else []
         # framed here (Python work), sent by the writer (kernel work): the two overlap
         # held: the Master restarts its entries' timers on packets without an event, so our
         # copies must not die by the timeout of the last event (config sync.hold_timeout)
         framed = self.ct.frame_apply(upserts, hold=self.cfg.sync.hold_timeout) if upserts else None
-        self.writer.submit(self._write_kernel, framed, deletes, reseats)
+        self.writer.submit(self._write_kernel, framed, deletes)
 
-    def _write_kernel(self, upserts: FramedApply | None, deletes: list, reseats: list) -> None:
-        # in the writer thread; `reseats`: TCP keys of `upserts` to re-create (CtSocket.reseat)
+    def _write_kernel(self, upserts: FramedApply | None, deletes: list) -> None:  # in the writer thread
         if upserts is not None:
-            res = self.ct.reseat(reseats, upserts) if reseats else self.ct.send_framed(upserts)
+            res = self.ct.send_framed(upserts)
             self.entries_applied += res.ok
             self._count_errors(res, ignore=())
         if deletes:

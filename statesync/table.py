@@ -9,7 +9,7 @@ Two reasons to keep it (conntrackd keeps the same, its "internal cache"):
 - An UPDATE event carries only part of an entry: CTA_PROTOINFO comes only with a
   protocol-state change, CTA_LABELS only with a label change, and so on (a mark-only
   update has no TCP state). A Backup that creates an entry from such a record (cache
-  mode's commit, a resync's re-seat) would make a TCP entry without its state. So each
+  mode's commit, a resync into a Backup that lacks it) would make a TCP entry without its state. So each
   update is completed with the attributes it lacks from the entry's last state, and
   the completed record is what is sent.
 

@@ -35,7 +35,8 @@ def lossy_ruleset(ifname: str, percent: int, only_tcp_port: int | None = DEFAULT
     """The nft script that (re)creates the lossy table of `ifname` (atomic replace)."""
     if not isinstance(percent, int) or not 0 <= percent <= 100:
         raise ValueError(f"percent must be an integer 0..100, not {percent!r}")
-    drop = f"numgen random mod 100 < {percent} counter drop"
+    # nft refuses `< 100` against `mod 100` (out of the value's range): all is a plain drop
+    drop = "counter drop" if percent == 100 else f"numgen random mod 100 < {percent} counter drop"
     if only_tcp_port is not None:
         rules = [f"tcp dport {int(only_tcp_port)} {drop}", f"tcp sport {int(only_tcp_port)} {drop}"]
     else:

@@ -396,28 +396,6 @@ def test_expectations_dump_and_create_replicate(netns):
         assert list(sb.dump_expectations()) == []
 
 
-def test_reseat_recreates_tcp_entries_in_place(netns):
-    """CtSocket.reseat: the TCP entry is destroyed and created again (its window tracking
-    starts afresh), a key we do not hold is no error, other entries are untouched."""
-    b = netns.new("b")
-    with CtSocket.open_in(b) as s, CtSocket.open_in(b, events=True) as ev:
-        fam, tcp = cb.encode_entry(cb.Tuple(6, "198.18.0.1", "198.19.0.1", 1000, 80),
-                                   status=IPS_SEEN_REPLY | IPS_ASSURED)
-        _, udp = cb.encode_entry(cb.Tuple(17, "198.18.0.1", "198.19.0.1", 1000, 53))
-        _, absent = cb.encode_entry(cb.Tuple(6, "198.18.0.9", "198.19.0.1", 1000, 80))
-        assert s.apply([(fam, tcp), (fam, udp)]).failed == 0
-        assert {e.kind for e in ev.recv_batch()} == {EV_NEW}
-        res = s.reseat([ctmsg.key_of(tcp), ctmsg.key_of(absent)], s.frame_apply([(fam, tcp)]))
-        assert res.failed == 0 and res.ok == 1
-        seen = []
-        deadline = time.monotonic() + 5
-        while len(seen) < 2 and time.monotonic() < deadline:
-            seen += [(e.kind, e.key) for e in ev.recv_batch(block=False)]
-            time.sleep(0.01)
-        assert seen == [(EV_DESTROY, ctmsg.key_of(tcp)), (EV_NEW, ctmsg.key_of(tcp))]
-        assert {e.key for e in s.dump()} == {ctmsg.key_of(tcp), ctmsg.key_of(udp)}
-
-
 def test_make_liberal_marks_tcp_entries_in_place(netns):
     """CtSocket.make_liberal: BE_LIBERAL set in both directions of an existing TCP entry,
     its other flags, state and timeout kept, no destroy and no create (no gap); a key we do

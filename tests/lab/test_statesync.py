@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from hasync.lab import commands, faults, nsctl
+from hasync.lab import commands, faults, netem, nsctl
 from hasync.lab.process import run, start_process, stop_process
 from hasync.lab.topology import teardown
 
@@ -324,7 +324,7 @@ def _failback_and_switchovers(lab) -> None:
         commands.wait_until(lab, lambda s: s == expected, 10)
         wait_backup_synced(lab, next(n for n, state in expected.items() if state == "BACKUP"))
         # a dump stalls a CPU (~15 ms): a switchover costs none, the new Master adopts its
-        # copy of the table (statesync.table) for the re-seat resync and the hold release
+        # copy of the table (statesync.table) for the old Master's resync and the hold release
         after = sync_dumps(lab)
         assert after == before, (before, after, role_log(lab))
 
@@ -384,9 +384,11 @@ def test_sessions_survive_failback_and_switchovers(synced):
 
 def test_sessions_survive_a_crash_right_after_a_switchover(synced):
     """Sessions set up through fw2 as Master; the operator switches back to fw1, and fw1 dies
-    0.3 s later, before fw2's re-seat resync (RESEAT_GRACE_S). fw2's entries are its own, with
-    the windows of its Master days, stale by then. Without making them liberal at the
-    switchover every packet was dropped as invalid and all 200 sessions died (3 of 3 runs)."""
+    0.3 s later. fw2's entries are its own, with the windows of its Master days, stale by
+    then. Without making them liberal at the switchover every packet was dropped as invalid
+    and all 200 sessions died (3 of 3 runs). The sync channel is cut from just before the
+    switchover: fw2's resync from fw1 (whose records are liberal too) must not be what
+    saves them, as it would in most runs, for it is asked at once."""
     lab = synced
     commands.wait_until(lab, lambda s: s == STEADY, 20)
     wait_backup_synced(lab, "fw2")
@@ -397,12 +399,18 @@ def test_sessions_survive_a_crash_right_after_a_switchover(synced):
     drops_before = {fw: invalid_drops(lab, fw) for fw in ("fw1", "fw2")}
 
     def back_to_fw1_then_crash(lab):
+        netem.lossy(lab, "fw2", "lan2", 100)  # the sync channel's segments only
         switchover_to_peer(lab, "fw2", STEADY)
         time.sleep(0.3)
 
-    report = sessions_through_crash(lab, count=SESSIONS, before_crash=back_to_fw1_then_crash)
+    try:
+        report = sessions_through_crash(lab, count=SESSIONS, before_crash=back_to_fw1_then_crash)
+        cut = netem.dropped(lab, "fw2", "lan2")
+    finally:
+        netem.clear(lab, "fw2", "lan2")
     drops = {fw: invalid_drops(lab, fw) - drops_before[fw] for fw in ("fw1", "fw2")}
-    print({k: v for k, v in report.items() if k != "sessions"}, "invalid drops", drops)
+    print({k: v for k, v in report.items() if k != "sessions"}, "invalid drops", drops, "sync segments cut", cut)
+    assert cut > 0, "the sync channel was not cut: fw2 may have been saved by a resync"
     assert report["established"] == SESSIONS
     assert report["sessions_reset"] == 0
     assert report["sessions_stalled"] == 0, (report["max_stall_ms"], drops, role_log(lab))
@@ -438,9 +446,9 @@ def test_a_restarted_master_daemon_takes_a_bulk_session_back(synced):
     """The daemon on the Master restarts (an upgrade, say) while its kernel keeps the table:
     the peer takes over, ~10 MB/s of one TCP session flow through it, the restarted node
     preempts back. Its entries carry the TCP windows of its Master days, far behind the
-    session now. Before the restart re-seated them at the first resync (and before the Backup
-    wrote its TCP entries BE_LIBERAL, which now covers this too) the kernel dropped the
-    session's packets as out of window: 7 invalid drops, the sender timed out."""
+    session now. Before the restart made them liberal (and before the Backup wrote its TCP
+    entries BE_LIBERAL, which covers this too once the first resync is in) the kernel dropped
+    the session's packets as out of window: 7 invalid drops, the sender timed out."""
     lab = synced
     commands.wait_until(lab, lambda s: s == STEADY, 20)
     wait_sync_connected(lab)
@@ -458,7 +466,7 @@ def test_a_restarted_master_daemon_takes_a_bulk_session_back(synced):
     assert result[0] == "SENT" and int(result[1]) > 50 << 20, result
     assert invalid_drops(lab, "fw1") == before
     log = (lab.node_dir("fw1") / "hasync.log").read_text()
-    assert "(which re-seats them)" in log
+    assert "(TCP ones made liberal)" in log
 
 
 def switchover_to_peer(lab, fw: str, expected: dict, timeout: float = 20.0) -> None:
@@ -580,7 +588,7 @@ def bulk_session(lab, seconds: float, during) -> list[str]:
 
 def test_a_bulk_session_survives_two_switchovers(synced):
     """~10 MB/s through two switchovers: the packets in flight at each meet an entry whose
-    TCP windows this kernel never saw filled (the Backup's copy, or the re-seated one), some
+    TCP windows this kernel never saw filled (the Backup's copy), or stale ones (made liberal), some
     of them reordered. The Backup writes its TCP entries BE_LIBERAL, as the kernel does for a
     connection it picks up mid-stream. Without it, in a tmp experiment of the same steps, 2 of
     10 runs lost the session (once after 5 invalid drops, once with none counted: not

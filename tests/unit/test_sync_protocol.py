@@ -239,21 +239,6 @@ def _resync(r, rid, seq, records, count=None):
     return [a for buf in stream(*frames) for a in r.on_bytes(buf, 0.0)]
 
 
-def test_reseat_marks_the_next_complete_resync_only():
-    r = Receiver()
-    rec = [(1, V4, b"t", b"1")]
-    assert [a.reseat for a in _resync(r, 1, 1, rec) if isinstance(a, Apply)] == [False]
-    r.reseat_next_resync()
-    # a resync that ends wrong re-seats, and so does the one that replaces it
-    assert [a.reseat for a in _resync(r, 2, 4, rec, count=9) if isinstance(a, Apply)] == [True]
-    assert r.reseat_pending
-    assert [a.reseat for a in _resync(r, 3, 7, rec) if isinstance(a, Apply)] == [True]
-    assert not r.reseat_pending
-    live = r.on_bytes(wire.encode(wire.data_frame(10, rec)), 0.0)
-    assert [a.reseat for a in live if isinstance(a, Apply)] == [False]
-    assert [a.reseat for a in _resync(r, 4, 11, rec) if isinstance(a, Apply)] == [False]
-
-
 def test_receiver_gap_nack_and_replay_dedup():
     r = Receiver(ack_every=100)
     r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
@@ -453,36 +438,20 @@ def test_a_backup_that_asks_again_takes_the_snapshot_resent_below_its_position()
     assert sorted(k for a in acts if isinstance(a, Apply) for _, _, k, _ in a.records) == [b"\x00", b"\x01", b"\x02"]
 
 
-def test_a_former_master_asks_for_its_resync_only_after_the_grace():
-    """Its re-seat deletes entries for a moment: the request waits until packets in flight at
-    the switchover no longer cross it, then the first frame from the new Master asks."""
+def test_a_former_master_asks_for_its_resync_at_the_new_masters_first_frame():
+    """The peer may not be Master yet when we stop being it (a request would be ignored):
+    after reset() the first frame of the new Master asks at once, and a second request
+    waits for resync_retry (the answer may be on its way)."""
     r = Receiver()
     r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_BEGIN, 1, 1)), 0.0)
     r.on_bytes(wire.encode(wire.Frame(wire.RESYNC_END, 2, (1, 0))), 0.0)
     assert r.synced
     r.reset()
-    r.reseat_next_resync()
-    r.ask_resync_later(10.0, 1.0)
+    assert not r.synced
     keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 7))
+    assert r.on_bytes(keepalive, 10.0) == [RequestResync()]
+    assert r.on_bytes(keepalive, 10.5) == []
+    assert r.on_bytes(keepalive, 10.0 + r.resync_retry) == [RequestResync()]
+    r.reset()  # Master for a moment, Backup again: the first frame asks again at once
     snap = wire.encode(wire.data_frame(5, [(1, V4, b"k", b"a")], FLAG_SNAPSHOT))
-    assert r.on_bytes(keepalive, 10.2) == [] and r.on_bytes(snap, 10.9) == []
-    assert r.on_bytes(keepalive, 11.0) == [RequestResync()]
-    assert not r.synced and r.reseat_pending
-
-
-def test_a_flapping_former_master_keeps_its_first_grace():
-    """Master again for a moment within the grace, then Backup again: the request is not
-    pushed out by the second flap (a flap every few hundred ms would push it out forever)."""
-    r = Receiver()
-    r.reseat_next_resync()
-    r.ask_resync_later(10.0, 1.0)
-    r.reset()  # Master for a moment
-    r.reseat_next_resync()
-    r.ask_resync_later(10.4, 1.0)
-    keepalive = wire.encode(wire.Frame(wire.KEEPALIVE, 7))
-    assert r.on_bytes(keepalive, 10.9) == []
-    assert r.on_bytes(keepalive, 11.0) == [RequestResync()]
-    # a flap after that grace is over starts a grace of its own
-    r.reset()
-    r.ask_resync_later(20.0, 1.0)
-    assert r.on_bytes(keepalive, 20.5) == [] and r.on_bytes(keepalive, 21.0) == [RequestResync()]
+    assert r.on_bytes(snap, 11.1) == [RequestResync()]
