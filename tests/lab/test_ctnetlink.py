@@ -269,6 +269,18 @@ def test_events_and_dump_replicate_to_another_kernel(netns):
         # 3) applying again updates in place (create-or-update), nothing fails
         res = sb.apply(((e.family, e.attrs) for e in sa.dump()), likely_new=False)
         assert res.failed == 0 and len(decoded_table(sb)) == len(table_a)
+        assert res.retried == 0  # update first: every entry is there
+        # ... and so does a create first: each NATed entry's create meets EEXIST and is sent
+        # again in its update form (the retry is framed anew, as a batch), the rest update
+        res = sb.apply((e.family, e.attrs) for e in sa.dump())
+        assert res.failed == 0 and len(nat) <= res.retried < len(table_a)
+        assert decoded_table(sb) == table_a
+        # the reverse: update first into an empty table, each NATed entry's ENOENT retried
+        # as a create, the rest created at once
+        sb.flush()
+        res = sb.apply(((e.family, e.attrs) for e in sa.dump()), likely_new=False)
+        assert res.failed == 0 and len(nat) <= res.retried < len(table_a)
+        assert decoded_table(sb) == table_a
 
         # 4) a delete in A replicates through its DESTROY event
         sh("conntrack", "-D", "-p", "udp", "--orig-port-dst", "5353", ns=a)
