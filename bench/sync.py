@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bench._table import Column, emit_json, progress, ratio, render, summarize
+from bench.cpusplit import split_cpus
 from hasync.lab import commands, nsctl
 from hasync.lab.process import namespace_pids
 from hasync.lab.state import Lab
@@ -376,24 +377,31 @@ def summary_row(system: str, n: int, runs: list[dict]) -> dict[str, Any]:
 
 
 def bench_system(make: Callable[[], Any], sizes: list[int], runs: int, say,
-                 injector: str = "prepared") -> dict[int, list[dict]]:
+                 injector: str = "prepared", split: bool = False) -> dict[int, list[dict]]:
     out: dict[int, list[dict]] = {}
     bench = make()
     try:
-        for n in sizes:
-            entries = synthetic_entries(n)
-            if injector == "prepared":
-                entries = PreparedBurst.of(entries)
-            out[n] = []
-            for i in range(runs):
-                say(f"{bench.name}: {n:,} entries, run {i + 1}/{runs}")
-                row = bench.run(n, entries, watch_heartbeats=(n == max(sizes)))
-                say(f"  burst {row['burst_ms']:.0f} ms, after burst {row['after_burst_ms']} ms, "
-                    f"lost {row['lost']}, resync {row['resync_s']} s")
-                out[n].append(row)
+        with split_cpus(bench.lab) if split else contextlib.nullcontext() as pinned:
+            if pinned:
+                say(f"{bench.name}: threads pinned, fw1 side on CPU 0: {pinned['fw1']}, fw2 side on CPU 1: {pinned['fw2']}")
+            _bench_sizes(bench, sizes, runs, say, injector, out)
     finally:
         bench.close()
     return out
+
+
+def _bench_sizes(bench: Any, sizes: list[int], runs: int, say, injector: str, out: dict[int, list[dict]]) -> None:
+    for n in sizes:
+        entries = synthetic_entries(n)
+        if injector == "prepared":
+            entries = PreparedBurst.of(entries)
+        out[n] = []
+        for i in range(runs):
+            say(f"{bench.name}: {n:,} entries, run {i + 1}/{runs}")
+            row = bench.run(n, entries, watch_heartbeats=(n == max(sizes)))
+            say(f"  burst {row['burst_ms']:.0f} ms, after burst {row['after_burst_ms']} ms, "
+                f"lost {row['lost']}, resync {row['resync_s']} s")
+            out[n].append(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,12 +419,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--injector", choices=("prepared", "apply"), default="prepared",
                    help="prepared: requests encoded before the burst, only sent during it (default); "
                         "apply: CtSocket.apply per 5000 entries, encoding inside the burst (older figures)")
+    p.add_argument("--split-cpus", action="store_true",
+                   help="an experiment: fw1's processes and the injector on CPU 0, fw2's on CPU 1 "
+                        "(bench/cpusplit.py), roughly two one-core machines")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     sizes = sorted(set(args.entries or [50_000, 200_000]))
     say = progress(not args.quiet)
     systems = [s for s in args.systems.split(",") if s]
+    if args.split_cpus and "conntrackd" in systems:
+        # tried: conntrackd runs at a realtime priority, and pinned beside the injector it kept
+        # CPU 0 to itself; one 200k run had not finished after 10 minutes
+        p.error("--split-cpus starves the injector behind conntrackd's realtime priority on CPU 0: "
+                "use it with --systems hasync")
 
     overrides = {} if args.heartbeat_ms is None else {"heartbeat_interval_ms": args.heartbeat_ms}
     hasync_overrides = dict(overrides)
@@ -436,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     with conntrack_room(max(sizes), say):
         for system in systems:
             if system in makers:
-                results[system] = bench_system(makers[system], sizes, args.runs, say, args.injector)
+                results[system] = bench_system(makers[system], sizes, args.runs, say, args.injector,
+                                               args.split_cpus)
 
     rows = []
     for n in sizes:
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     print("targets: 200k in the Backup's kernel <= 100 ms after the burst, 0 lost, "
           ">= 2x conntrackd kernel-to-kernel/s, 1M full resync <= 10 s")
     if args.json:
-        emit_json({"injector": args.injector, "rows": rows, "runs": {s: {str(n): r for n, r in v.items()} for s, v in results.items()}})
+        emit_json({"injector": args.injector, "split_cpus": args.split_cpus, "rows": rows, "runs": {s: {str(n): r for n, r in v.items()} for s, v in results.items()}})
     return 0
 
 
