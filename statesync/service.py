@@ -248,8 +248,9 @@ class SyncService:
                 self._release_entries = list(self.table.entries.values()) if whole else None
         else:
             was_master = self.role == "master"
-            # our own entries (the table unseeds below): their windows go stale from now on
-            own = (list(self.table.entries) if was_master and self.mode == "kernel" and self.table.seeded
+            # our own entries (the table unseeds below): their windows go stale from now on;
+            # those we wrote as Backup and the kernel has not changed since are liberal already
+            own = (self.table.kernel_made_keys() if was_master and self.mode == "kernel" and self.table.seeded
                    else None)
             self._stop_master()
             self._release_at = self._release_entries = None

@@ -42,6 +42,7 @@ from .wire import OP_DELETE, OP_UPSERT
 CARRIED = frozenset({CTA_PROTOINFO, CTA_HELP, CTA_TUPLE_MASTER, CTA_SEQ_ADJ_ORIG, CTA_SEQ_ADJ_REPLY,
                      CTA_SECCTX, CTA_LABELS, CTA_SYNPROXY})
 
+RECORD_FIELDS = 4  # a replicated record (op, family, key, attrs); a kernel change has a portid too
 SNAPSHOT_CHUNK = 128  # entries per snapshot chunk: about a dump datagram's worth
 
 _NEW_ONLY = frozenset({EV_NEW})
@@ -108,6 +109,14 @@ class StateTable:
                 entries[key] = change
             out.append(change)
         return out
+
+    def kernel_made_keys(self) -> list[bytes]:
+        """Keys whose row came from this node's own kernel: an event's or a dump's change
+        (kind, family, key, attrs, portid). A row still as it was replicated to us, a record
+        (op, family, key, attrs) adopted at takeover, is an entry we wrote as Backup, TCP ones
+        BE_LIBERAL, and untouched since: any change of its state or a re-creation by the
+        kernel would have replaced it with an event's change."""
+        return [key for key, row in self.entries.items() if len(row) != RECORD_FIELDS]
 
     def snapshot(self) -> Iterator[list[tuple]]:
         """The table as it is now, in chunks of entries (Sender.start_resync(chunked=True)).

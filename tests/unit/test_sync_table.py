@@ -192,6 +192,28 @@ def test_a_backup_copy_follows_the_records_it_is_sent():
     assert table.seeded
 
 
+def test_kernel_made_keys_leave_out_adopted_records_the_kernel_has_not_changed():
+    """A former Master makes its own TCP entries liberal (their windows go stale): not those it
+    wrote as Backup (liberal already) and took over untouched; every row an event or a dump
+    gave since is the kernel's."""
+    from statesync.wire import OP_UPSERT
+
+    entries = [cb.encode_entry(cb.Tuple(6, f"198.18.0.{i}", "198.19.0.1", 1000, 80))[1] for i in range(1, 6)]
+    keys = [ctmsg.key_of(a) for a in entries]
+    table = StateTable()
+    table.on_records([(OP_UPSERT, socket.AF_INET, k, a) for k, a in zip(keys[:4], entries[:4])])
+    table.adopt()
+    assert table.kernel_made_keys() == []
+    table.on_changes([change(EV_UPDATE, entries[0]),  # a state change of an adopted entry
+                      change(EV_DESTROY, entries[1]), change(EV_NEW, entries[1]),  # re-created
+                      change(EV_NEW, entries[4])])  # a session of our own
+    assert sorted(table.kernel_made_keys()) == sorted([keys[0], keys[1], keys[4]])
+    table.begin_seed()  # after an overrun, a dump reseeds: every row is the kernel's
+    table.seed([change(EV_NEW, a) for a in entries])
+    table.end_seed()
+    assert sorted(table.kernel_made_keys()) == sorted(keys)
+
+
 def test_held_entries_are_released_from_their_records():
     """Records from a state table carry the old Master's timeouts, the kernel holds the
     entries at the hold: with `held`, the hold is what is compared."""
