@@ -444,11 +444,8 @@ class CtSocket:
 
         return self.send_batched(messages())
 
-    def send_batched(self, messages: Iterable[bytes], failures: list | None = None) -> ApplyResult:
-        """Send prepared requests, ~256 KiB per send(); count error replies by errno.
-
-        With `failures`, errors are appended there as (seq, errno) instead of counted.
-        """
+    def send_batched(self, messages: Iterable[bytes]) -> ApplyResult:
+        """Send prepared requests, ~256 KiB per send(); count error replies by errno."""
         result = ApplyResult()
         batch: list[bytes] = []
         size = 0
@@ -458,24 +455,24 @@ class CtSocket:
             size += len(m)
             count += 1
             if size >= SEND_BATCH:
-                self._send_and_drain(b"".join(batch), count, result, failures)
+                self._send_and_drain(b"".join(batch), count, result)
                 batch.clear()
                 size = count = 0
         if batch:
-            self._send_and_drain(b"".join(batch), count, result, failures)
+            self._send_and_drain(b"".join(batch), count, result)
         return result
 
     def send_prepared(self, data: bytes, count: int) -> ApplyResult:
         """Send `count` requests encoded beforehand (one buffer, at most a few SEND_BATCH) and
         count the error replies: for injectors that must not spend time encoding."""
         result = ApplyResult()
-        self._send_and_drain(data, count, result, None)
+        self._send_and_drain(data, count, result)
         return result
 
-    def _send_and_drain(self, data: bytes, count: int, result: ApplyResult, failures: list | None) -> None:
+    def _send_and_drain(self, data: bytes, count: int, result: ApplyResult) -> None:
         self.sock.send(data)
         result.sent += count
-        self._drain_replies(result, failures)
+        self._drain_replies(result)
 
     def _drain_replies(self, result: ApplyResult, failures: list | None = None) -> None:
         while True:
