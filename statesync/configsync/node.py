@@ -13,7 +13,9 @@ Backup: on connect and on `resync --config` it asks for the manifest, compares i
 with its own (`core.compare`), fetches what the Master wins (CFG_WANT carries its
 signature, so the Master answers with a delta), pushes back what it wins itself
 (changes made while the Master was away) and applies atomically (`apply`). Changes
-it sees on disk that it did not apply are reported as local changes.
+it sees on disk that it did not apply are reported as local changes; one made while the
+Master was connected is never pushed to it: the Master's version replaces it at
+`resync --config` or at the Master's next change of the file.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class ConfigSync:
         self.roots_mismatch: str | None = None  # replicated_paths differ from the peer's: sync refused
         self.conflicts: list[dict] = []
         self.local_changes: dict[Name, str] = {}
+        # edited here while the Master was connected: never pushed to it (a change found
+        # at a compare after time apart still wins by its generation)
+        self.edited_as_backup: set[Name] = set()
         self.last_applied: dict | None = None
         self.peer_kept: dict[Name, str] = {}  # the peer kept its own version (its generation was newer)
         # in-flight work
@@ -238,6 +243,8 @@ class ConfigSync:
         if self.role != "master":
             for name in changed:
                 self._local_change(name)
+                if self.connected:
+                    self.edited_as_backup.add(name)
             return
         renamed_from = {dest: src for src, dest in moves}
         # creations first (a rename's new name copies from the old one), deletions last
@@ -410,6 +417,8 @@ class ConfigSync:
         if wants:
             self._send(frames.CFG_WANT, tuple(wants))
         for name in plan.push:
+            if name in self.edited_as_backup and self.role == "backup":
+                continue  # stays here, reported: the Master's config is the source
             if name in plan.conflicts:
                 self._record_conflict(name, local[name], remote.get(name), winner="local")
             self._send_version(name, local[name], None)
@@ -425,6 +434,7 @@ class ConfigSync:
         local.entry = Entry(gen, gen, *local.entry.to_wire()[2:])
         self.manifest.observe(gen)
         self.local_changes.pop(name, None)
+        self.edited_as_backup.discard(name)
 
     def _holds(self, name: Name, st: os.stat_result, digest: bytes) -> bool:
         """The file read with stat `st` is the version of `digest` we recorded (unchanged
@@ -578,6 +588,7 @@ class ConfigSync:
         self.versions_applied += 1
         self.awaiting.pop(name, None)
         self.local_changes.pop(name, None)
+        self.edited_as_backup.discard(name)
         self.last_applied = {"path": str(path), "generation": entry.gen, "at": time.time(),
                              "deleted": entry.deleted}
         self._acks.append((*name, entry.gen, "applied"))

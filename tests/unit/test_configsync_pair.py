@@ -149,6 +149,11 @@ def test_local_change_on_the_backup_is_reported_and_resync_restores(pair):
     pair.b._on_local_changes({pair.b.guard.name_of(pair.etc_b / "y.conf")}, [], False)
     assert any("local change on the Backup" in p for p in pair.b.problems())
     assert not pair.b.status()["in_sync"]
+    # a reconnect compares manifests: the Backup's edit is newer, yet it is not the Master's to take
+    pair.b.on_session()
+    pair.pump()
+    assert (pair.etc_a / "y.conf").read_bytes() == b"master"
+    assert any("local change on the Backup" in p for p in pair.b.problems())
     pair.b.resync()
     pair.pump()
     assert (pair.etc_b / "y.conf").read_bytes() == b"master"
