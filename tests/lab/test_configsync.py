@@ -48,6 +48,12 @@ def cfg_status(lab, fw):
     return sync_status(lab, fw).get("config") or {}
 
 
+# A role flap turns the Backup's edit into a Master's change (pushed, not reported); one
+# failure of the report test in a full suite fits it. These tests are about files, not about
+# how fast a failure is seen (test_failover): a 100 ms dead time rides out a CI stall.
+HEARTBEAT = {"heartbeat_interval_ms": 20, "dead_count": 5}
+
+
 @pytest.fixture(scope="module")
 def lab():
     if os.geteuid() != 0:
@@ -60,7 +66,7 @@ def lab():
     os.environ["HASYNC_CONFIGSYNC_TEST_APPLY_DELAY"] = "slow-*:1.5"
     try:
         lab = commands.up(name, tag=tag, owner_pid=os.getpid(), sync_enabled=True,
-                          fw2={"sync": {"reload_hooks": hooks}})
+                          fw2={"sync": {"reload_hooks": hooks}}, **HEARTBEAT)
     finally:
         os.environ.pop("HASYNC_CONFIGSYNC_TEST_APPLY_DELAY", None)
     lab.hook_log = hook_log
