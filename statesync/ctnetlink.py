@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 from . import ctbatch, ctmsg
 from .ctblock import parse_block, parse_slots
+from . import mmsg
 from .mmsg import DatagramReader, Truncated
 from .ctbuild import CtEntry, encode_entry, encode_tcp_liberal, synthetic_entries  # noqa: F401  (re-exported)
 from .ctconst import (  # noqa: F401  (EV_* re-exported)
@@ -396,10 +397,8 @@ class CtSocket:
     def _send_chunks(self, framed: "FramedApply", result: ApplyResult) -> list[tuple[int, int]]:
         """Send `framed`'s chunks; return [(request index, errno)] of its error replies."""
         failures: list[tuple[int, int]] = []
-        send = self.sock.send
-        for data, count in framed.chunks:
-            send(data)
-            result.sent += count
+        mmsg.send_all(self.sock, [data for data, _ in framed.chunks])
+        result.sent += sum(count for _, count in framed.chunks)
         # one drain for the whole batch: the error replies of a batch (< 40 bytes each, and
         # only for failures) fit the receive buffer, and each recv() costs the writer thread
         # a GIL hand-over
