@@ -99,7 +99,7 @@ class DatagramReader:
 
 
 def send_all(sock, datagrams: list[bytes]) -> None:
-    """Send each datagram, in order, with as few sendmmsg calls as there are 1024s of them.
+    """Send each datagram, in order: one sendmmsg call per 1,024 of them.
 
     The Backup's writer thread sends a batch as ~32 KiB datagrams, the kernel's work for each
     ~1 ms. One send() per datagram gave the GIL up and took it back from the loop thread
