@@ -315,10 +315,10 @@ def conntrack_room(entries: int, say: Callable[[str], None], tables: int = 2):
 
     nf_conntrack_max is one limit for every namespace's own count, writable only from the
     host's namespace (where the bench runs); this machine boots with 262,144, too few for
-    the 1,000,000-entry burst. The hash table is one for all namespaces and holds both
-    firewalls' N entries (`tables`): it gets at least 2N buckets, so that each firewall's entries have
-    the chains they would have on a machine of their own sized with N buckets for N sessions,
-    as an operator would size it. (A 1M resync with N buckets: the writer's kernel time
+    the 1,000,000-entry burst. The hash table is one for all namespaces and holds the N
+    entries of each of `tables` firewalls: it gets at least tables x N buckets, so that each
+    one's entries have the chains they would have on a machine of their own sized with N
+    buckets for N sessions, as an operator would size it. (A 1M resync with N buckets: the writer's kernel time
     10.3-10.5 s against 9.2-9.7 s with 2N, resync 18.4-20.5 s against 15.9-18.6 s, 4 each,
     alternating. The NAT source hash is sized once, when nf_nat loads: 262,144 here.)"""
     settings = []

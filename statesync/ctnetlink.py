@@ -22,9 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from . import ctbatch, ctmsg
+from . import ctbatch, ctmsg, mmsg
 from .ctblock import parse_block, parse_slots
-from . import mmsg
 from .mmsg import DatagramReader, Truncated
 from .ctbuild import CtEntry, encode_entry, encode_tcp_liberal, synthetic_entries  # noqa: F401  (re-exported)
 from .ctconst import (  # noqa: F401  (EV_* re-exported)

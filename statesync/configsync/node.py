@@ -256,6 +256,11 @@ class ConfigSync:
                 base = (src if src is not None else name, prev[0].digest, prev[1])
             self._send_version(name, changed[name], base)
 
+    def _forget_local_change(self, name: Name) -> None:
+        """Both nodes hold the same version of `name` again."""
+        self.local_changes.pop(name, None)
+        self.edited_as_backup.discard(name)
+
     def _local_change(self, name: Name) -> None:
         path = str(self.guard.path_of(*name))
         self.local_changes[name] = path
@@ -433,8 +438,7 @@ class ConfigSync:
             return
         local.entry = Entry(gen, gen, *local.entry.to_wire()[2:])
         self.manifest.observe(gen)
-        self.local_changes.pop(name, None)
-        self.edited_as_backup.discard(name)
+        self._forget_local_change(name)
 
     def _holds(self, name: Name, st: os.stat_result, digest: bytes) -> bool:
         """The file read with stat `st` is the version of `digest` we recorded (unchanged
@@ -480,7 +484,7 @@ class ConfigSync:
                 self.peer_kept.pop(name, None)
                 mine = self.manifest.get(name)
                 if mine.gen == gen:
-                    self.local_changes.pop(name, None)  # our version is now the peer's too
+                    self._forget_local_change(name)  # our version is now the peer's too
                     if mine.deleted and name in self.manifest.files:
                         self._expire(name)  # the peer deleted it too: nothing left to compare
             else:
@@ -587,8 +591,7 @@ class ConfigSync:
     def _applied(self, name: Name, path: Path, entry: Entry) -> None:
         self.versions_applied += 1
         self.awaiting.pop(name, None)
-        self.local_changes.pop(name, None)
-        self.edited_as_backup.discard(name)
+        self._forget_local_change(name)
         self.last_applied = {"path": str(path), "generation": entry.gen, "at": time.time(),
                              "deleted": entry.deleted}
         self._acks.append((*name, entry.gen, "applied"))
